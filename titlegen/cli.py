@@ -1,0 +1,119 @@
+"""``python -m titlegen {fit,validate,test,predict}``: LightningCLI with titlegen's defaults.
+
+``configs/base.yaml`` is always loaded first; ``--config`` files and flags override it. Bad input ends with one
+line on stderr (``titlegen: error: ...``) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from titlegen.callbacks import AdapterExport, ThroughputLogger
+from titlegen.data import TitleDataModule
+from titlegen.errors import TitlegenError
+from titlegen.module import TitleGenModule
+from titlegen.quiet import quiet_third_party
+from titlegen.writer import CSVPredictionWriter
+
+BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class TitlegenCLI(LightningCLI):
+    """LightningCLI wired for titlegen: linked arguments, run directories, checkpoint/adapter resolution."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Say each value once: the data is tokenized with the model's own tokenizer.
+        parser.link_arguments("model.backbone.name_or_path", "data.tokenizer")
+        parser.add_argument("--output", type=str | None, default=None,
+                            help="predict: the CSV to write (input columns + description)")
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "predict":
+            kwargs["logger"] = False  # predict writes a CSV, not a run directory
+        elif cfg.get("logger") in (None, True):
+            # Runs land in <default_root_dir>/version_N/ (TensorBoard events, config, checkpoints, adapter).
+            root = cfg.get("default_root_dir") or "checkpoints/run"
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", default_hp_metric=False)
+        extra = [ThroughputLogger(), AdapterExport()] if self.subcommand == "fit" else []
+        if self.subcommand == "predict":
+            extra.append(self._prediction_writer())
+        kwargs["callbacks"] = list(cfg.get("callbacks") or []) + extra
+        return super().instantiate_trainer(**kwargs)
+
+    # ---- before each subcommand ----------------------------------------------------------------------------
+    def before_fit(self) -> None:
+        self._resolve_checkpoint(allow_adapter=False)
+
+    def before_validate(self) -> None:
+        self._resolve_checkpoint(allow_adapter=True)
+
+    def before_test(self) -> None:
+        self._resolve_checkpoint(allow_adapter=True)
+
+    def before_predict(self) -> None:
+        self._resolve_checkpoint(allow_adapter=True)
+        self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
+
+    def _prediction_writer(self) -> CSVPredictionWriter:
+        output = self.config_init["predict"].get("output")
+        if not output:
+            raise TitlegenError("predict needs --output FILE.csv")
+        cfg = self.config["predict"]
+        ident = {"model": cfg.model.as_dict(), "ckpt": cfg.get("ckpt_path"), "prompt": cfg.data.prompt.as_dict()}
+        return CSVPredictionWriter(output, hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest())
+
+    def _resolve_checkpoint(self, allow_adapter: bool) -> None:
+        """Turn ``--ckpt_path`` into an existing ``.ckpt`` file, or (not for fit) an adapter directory."""
+        cfg = self.config_init[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            ckpt = cfg["ckpt_path"] = str(find_checkpoint(self.trainer.default_root_dir, ckpt))
+        if ckpt is None:
+            if self.model.adapter_path:
+                self.datamodule.use_prompt_from(self.model.adapter_path)
+            return
+        path = Path(ckpt)
+        if path.is_dir() and allow_adapter:
+            if not (path / "adapter_config.json").is_file():
+                raise TitlegenError(f"{path}: not an adapter directory (expected adapter_config.json)")
+            self.model.adapter_path = str(path)
+            self.datamodule.use_prompt_from(path)
+            cfg["ckpt_path"] = None
+        elif path.is_dir():
+            raise TitlegenError(f"{path}: fit --ckpt_path resumes from a .ckpt file, not an adapter directory")
+        elif not path.is_file():
+            raise TitlegenError(f"{path}: checkpoint not found")
+
+
+def find_checkpoint(root: str, which: str) -> Path:
+    """The newest ``last.ckpt`` (or best-scoring ``.ckpt`` of the newest run) under ``root``."""
+    runs = sorted(Path(root).glob("version_*/checkpoints"), key=lambda p: p.stat().st_mtime)
+    for run in reversed(runs):
+        found = [run / "last.ckpt"] if which == "last" else [p for p in run.glob("*.ckpt") if p.name != "last.ckpt"]
+        found = [p for p in found if p.is_file()]
+        if found:
+            return max(found, key=lambda p: p.stat().st_mtime)
+    raise TitlegenError(f"{root}: no {which} checkpoint found (looked in version_*/checkpoints/)")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point; ``args`` lets tests run the CLI in-process."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("titlegen").setLevel(logging.INFO)
+    quiet_third_party()
+    defaults = {"default_config_files": [str(BASE_CONFIG)]} if BASE_CONFIG.is_file() else {}
+    try:
+        TitlegenCLI(TitleGenModule, TitleDataModule, parser_kwargs={c: defaults for c in SUBCOMMANDS},
+                    auto_configure_optimizers=False, args=args)
+    except TitlegenError as err:
+        print(f"titlegen: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

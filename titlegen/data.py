@@ -1,0 +1,154 @@
+"""LightningDataModule: cleaning and tokenization (cached once), splits, length-grouped batches, predict input."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from titlegen.batching import LengthGroupedBatchSampler, ResumableDataLoader
+from titlegen.cache import SplitSettings, load_or_build
+from titlegen.encoding import Encoder, collate_prompts, collate_train
+from titlegen.errors import TitlegenError
+from titlegen.predict_input import PredictInput, read_predict_csv
+from titlegen.prompts import PromptTemplate, load_prompt
+from titlegen.records import check_readable
+
+log = logging.getLogger("titlegen")
+
+
+class TitleDataModule(L.LightningDataModule):
+    """Product titles and descriptions, from a JSON Lines / .json.gz / CSV file, ready for a causal LM.
+
+    Args:
+        path: Training data: JSON Lines (``trn.json`` layout: ``title``, ``content``), ``.json.gz`` or CSV.
+        predict_path: CSV with a ``title`` column, for ``predict``.
+        tokenizer: Tokenizer directory or name; by default the model's (``model.backbone.name_or_path``).
+        prompt: The prompt template (saved beside the adapter and reloaded for predict).
+        max_length: Longest training example in tokens; longer responses are cut, the EOS is kept.
+        batch_size: Examples per training batch.
+        eval_batch_size: Examples per validation/test/predict batch (default: ``batch_size``).
+        max_records: Use only this many cleaned records, a seeded uniform sample (not the first N).
+        seed: Seed of the sample, the split and the batch order.
+        val_fraction: Share of titles (by a hash of the title) held out for validation.
+        test_fraction: Share of titles held out for ``test``.
+        group_by_length: Batch examples of similar length together (less padding).
+        num_val_samples: Validation titles whose generated descriptions are logged at every validation.
+        skip_bad_lines: Count, report and skip lines that do not parse instead of stopping.
+        num_workers: DataLoader worker processes.
+        cache_dir: Where processed splits are kept.
+        pad_to_multiple_of: Round padded lengths up to this multiple (8 suits GPU matrix units).
+    """
+
+    def __init__(self, path: str = "", predict_path: str | None = None, tokenizer: str = "",
+                 prompt: PromptTemplate | None = None, max_length: int = 512, batch_size: int = 8,
+                 eval_batch_size: int | None = None, max_records: int | None = None, seed: int = 0,
+                 val_fraction: float = 0.05, test_fraction: float = 0.0, group_by_length: bool = True,
+                 num_val_samples: int = 4, skip_bad_lines: bool = False, num_workers: int = 0,
+                 cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8) -> None:
+        super().__init__()
+        if not 0 <= val_fraction + test_fraction < 1:
+            raise TitlegenError("data.val_fraction + data.test_fraction must be in [0, 1)")
+        self.path, self.predict_path, self.tokenizer_name = path, predict_path, tokenizer
+        self.prompt = prompt or PromptTemplate()
+        self.max_length, self.batch_size = max_length, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.split = SplitSettings(max_records, seed, val_fraction, test_fraction, skip_bad_lines)
+        self.group_by_length, self.num_val_samples = group_by_length, num_val_samples
+        self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
+        self.splits: dict = {}
+        self.predict_input: PredictInput | None = None
+        self.predict_skip: set[int] = set()  # rows a resumed predict already has
+        self._encoder: Encoder | None = None
+
+    # ---- shared pieces -------------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Encoder:
+        """Built on first use, so that a prompt restored from a checkpoint or adapter is the one used."""
+        if self._encoder is None or self._encoder.prompt is not self.prompt:
+            from titlegen.backbone import load_tokenizer
+
+            self._encoder = Encoder(load_tokenizer(self.tokenizer_name), self.prompt, self.max_length)
+        return self._encoder
+
+    def use_prompt_from(self, adapter_dir: str | Path) -> None:
+        """Take the prompt an adapter was trained with (its ``prompt.yaml``)."""
+        self.prompt = load_prompt(adapter_dir)
+
+    def _stage(self) -> str:
+        return self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else "fit"
+
+    def _data_path(self) -> Path:
+        if not self.path:
+            raise TitlegenError("data.path is not set: name the training data file (JSON Lines, .json.gz or CSV)")
+        return check_readable(self.path)
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self._stage() != "predict":
+            load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if not self.predict_path:
+                raise TitlegenError("data.predict_path is not set: name a CSV file with a 'title' column")
+            self.predict_input = read_predict_csv(self.predict_path)
+            return
+        import datasets
+
+        cached = load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
+        self.splits = dict(datasets.load_from_disk(str(cached)))
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        for name in wanted:
+            if name not in self.splits and not (name == "val" and stage == "fit"):
+                raise TitlegenError(f"{self.path}: the {name} split is empty (raise data.{name}_fraction)")
+
+    def state_dict(self) -> dict:
+        # Stored in every .ckpt: a checkpoint remembers the prompt it was trained with.
+        from dataclasses import asdict
+
+        return {"prompt": asdict(self.prompt)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "prompt" in state:
+            saved = PromptTemplate(**state["prompt"])
+            if saved != self.prompt:
+                log.warning("data.prompt differs from the checkpoint's; using the checkpoint's prompt")
+            self.prompt = saved
+
+    # ---- loaders -------------------------------------------------------------------------------------------
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        ds = self.splits[name].select_columns(["input_ids", "labels"])
+        size = self.batch_size if train else self.eval_batch_size
+        sampler = LengthGroupedBatchSampler(self.splits[name]["length"], size, seed=self.split.seed,
+                                            shuffle=train, group=64 if self.group_by_length else 1)
+        cls = ResumableDataLoader if train else DataLoader
+        return cls(ds, batch_sampler=sampler, num_workers=self.num_workers,
+                   collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", train=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.predict_input is not None
+        return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip)
+
+    # ---- generation samples --------------------------------------------------------------------------------
+    def sample_rows(self) -> list[dict]:
+        """A few fixed validation rows (title, reference) whose generations are logged at each validation."""
+        val = self.splits.get("val")
+        if val is None or self.num_val_samples <= 0:
+            return []
+        return [{"title": r["title"], "content": r["content"]} for r in val.select(range(min(len(val), self.num_val_samples)))]
+
+    def sample_batch(self, titles: list[str]) -> dict:
+        return collate_prompts(self.encoder.prompt_ids(titles), self.encoder.pad_id)

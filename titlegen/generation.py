@@ -1,0 +1,64 @@
+"""Batched generation from left-padded prompts, shared by validation samples, predict and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings.
+
+    Attributes:
+        max_new_tokens: Longest description, in tokens.
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature (with ``do_sample``).
+        top_p: Nucleus sampling mass (with ``do_sample``).
+        top_k: Sample among the k most likely tokens; 0 turns it off (with ``do_sample``).
+        repetition_penalty: >1 discourages tokens already generated.
+        no_repeat_ngram_size: Never repeat an n-gram of this many tokens (0: off). Small models loop under
+            greedy decoding; 3 stops that without hurting the text.
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+
+    def hf_kwargs(self, eos_id: int, pad_id: int) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, eos_token_id=eos_id,
+                      pad_token_id=pad_id, repetition_penalty=self.repetition_penalty,
+                      no_repeat_ngram_size=self.no_repeat_ngram_size, use_cache=True)
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:  # keep the model's generation_config from adding sampling knobs to greedy decoding
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class Generated:
+    text: str
+    stopped: bool  # ended with EOS before max_new_tokens
+    num_tokens: int
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, batch: dict, settings: GenerationSettings) -> list[Generated]:
+    """Generate for one left-padded batch; decode only the new tokens, up to (not including) the EOS."""
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model.generate(input_ids=ids, attention_mask=mask, **settings.hf_kwargs(eos_id, pad_id))
+    results = []
+    for row in out[:, ids.shape[1]:].tolist():
+        stopped = eos_id in row
+        tokens = row[:row.index(eos_id)] if stopped else row
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        results.append(Generated(text=text, stopped=stopped, num_tokens=len(tokens)))
+    return results

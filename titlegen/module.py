@@ -1,0 +1,163 @@
+"""LightningModule: a 4-bit causal LM with LoRA adapters, trained on response tokens only."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.aggregation import SumMetric
+
+from titlegen import backbone as bb
+from titlegen.errors import TitlegenError
+from titlegen.generation import GenerationSettings, generate
+from titlegen.loss import response_loss
+from titlegen.schedule import ScheduleSettings, build_scheduler
+
+
+class TitleGenModule(L.LightningModule):
+    """Fine-tunes LoRA adapters on a (4-bit) causal LM to write a description from a title.
+
+    Args:
+        backbone: The base model and how to load it.
+        lora: LoRA adapter settings.
+        optimizer: Optimizer for the adapter weights (``torch.optim.AdamW``, ``bitsandbytes.optim.AdamW8bit``,
+            ``bitsandbytes.optim.PagedAdamW32bit``, ...) with its arguments.
+        scheduler: Warmup and decay of the learning rate.
+        generation: Decoding settings for validation samples and predict.
+        adapter_path: An exported adapter directory to start from (predict/validate/test); frozen.
+        loss_chunk_tokens: Response tokens per chunk of the output head in the loss (memory vs. speed).
+    """
+
+    def __init__(self, backbone: bb.BackboneConfig, lora: bb.LoraSettings | None = None,
+                 optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings | None = None,
+                 generation: GenerationSettings | None = None, adapter_path: str | None = None,
+                 loss_chunk_tokens: int = 2048) -> None:
+        super().__init__()
+        self.backbone_cfg, self.lora = backbone, lora or bb.LoraSettings()
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
+        self.schedule = scheduler or ScheduleSettings()
+        self.generation = generation or GenerationSettings()
+        self.adapter_path, self.loss_chunk_tokens = adapter_path, loss_chunk_tokens
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
+        self._val_batches = 0
+        # Checkpoints hold only the adapter: the frozen (4-bit) base is rebuilt from backbone.name_or_path.
+        self.strict_loading = False
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        base = bb.load_base_model(self.backbone_cfg, device)
+        if self.adapter_path:
+            self.model = bb.load_adapter(base, self.adapter_path)
+        else:
+            self.model = bb.attach_lora(base, self.lora)
+        self.model.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
+        self.tokenizer = bb.load_tokenizer(self.backbone_cfg.name_or_path)
+        self._decoder = bb.split_decoder(self.model)
+        trainable, total = bb.count_parameters(self.model)
+        self.print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA)")
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response-token loss and token count of a batch."""
+        mask = batch.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: lets SDPA take its fast causal path
+        out = self._decoder.trunk(input_ids=batch["input_ids"], attention_mask=mask,
+                                  position_ids=batch.get("position_ids"), use_cache=False)
+        return response_loss(out[0], self._decoder.head, batch["labels"], self.loss_chunk_tokens)
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, count = self.forward_loss(batch)
+        loss = loss_sum / count.clamp(min=1)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise TitlegenError("nothing to train: the model has no trainable (LoRA) parameters")
+        optimizer = self.optimizer_factory(params)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.schedule, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss_sum, count = self.forward_loss(batch)
+        self.val_loss_sum.update(loss_sum.detach().float())
+        self.val_tokens.update(count.float())
+        self._val_batches += 1
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def _end_eval(self, split: str) -> None:
+        tokens = self.val_tokens.compute()
+        loss = (self.val_loss_sum.compute() / tokens.clamp(min=1)).item()
+        metrics = {f"{split}/loss": loss, f"{split}/ppl": math.exp(min(loss, 50.0))}
+        self.val_loss_sum.reset(), self.val_tokens.reset()
+        seen, self._val_batches = self._val_batches, 0
+        if self.trainer.sanity_checking:
+            # Lightning drops metrics logged in the sanity check; when it covered the whole validation set,
+            # record it as step 0: the untuned model's loss and samples, the baseline of every curve.
+            if seen >= sum(self.trainer.num_val_batches) and self.logger is not None:
+                self.logger.log_metrics(metrics, step=0)
+                self.log_samples(step=0)
+            return
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=False)
+        if split == "val":
+            self.log_samples(step=self.global_step)
+
+    def log_samples(self, step: int) -> None:
+        """Generate for a few fixed validation titles and log them as a TensorBoard text table."""
+        dm = self.trainer.datamodule
+        if self.global_rank != 0 or dm is None or self.logger is None or not hasattr(self.logger.experiment, "add_text"):
+            return
+        rows = dm.sample_rows()
+        if not rows:
+            return
+        batch = {k: v.to(self.device) for k, v in dm.sample_batch([r["title"] for r in rows]).items()}
+        outputs = generate(self.model, self.tokenizer, batch, self.generation)
+        lines = ["| title | generated | reference |", "|---|---|---|"]
+        for row, out in zip(rows, outputs):
+            cells = [row["title"], out.text + ("" if out.stopped else " …"), row["content"][:600]]
+            lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        self.logger.experiment.add_text("val/samples", "\n".join(lines), global_step=step)
+
+    # ---- predict -------------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        outputs = generate(self.model, self.tokenizer, batch, self.generation)
+        return {"row": batch["row"].tolist(), "outputs": outputs}
+
+    # ---- checkpoints: adapter tensors only -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        saved, expected = set(checkpoint["state_dict"]), self.trainable_names()
+        if saved != expected:
+            raise TitlegenError(
+                f"checkpoint adapter does not match model.lora/model.backbone: {len(saved - expected)} unexpected "
+                f"and {len(expected - saved)} missing tensors (train and load with the same config)")

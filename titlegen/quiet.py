@@ -1,0 +1,30 @@
+"""Keep third-party chatter out of the user's terminal; our own messages stay on the ``titlegen`` logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, *needles: str) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.needles)
+
+
+def quiet_third_party() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes asks the Hub for an optional CPU kernel at import and warns when it cannot: harmless here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMatching("litlogger"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

@@ -1,0 +1,116 @@
+"""Predict output: results are appended to a journal as they are produced, so a crashed or interrupted run
+continues where it stopped; the finished CSV (all input columns + ``description``, input order) appears at once
+through a temporary file and a rename, never half-written."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+log = logging.getLogger("titlegen")
+
+
+def journal_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial.jsonl")
+
+
+class CSVPredictionWriter(BasePredictionWriter):
+    """Writes ``description`` for every input row to ``output`` (CSV), resumable through a journal file.
+
+    Args:
+        output: The CSV to write.
+        fingerprint: Identifies the model and decoding settings: a journal written with others is not reused.
+    """
+
+    def __init__(self, output: str | Path, fingerprint: str = "") -> None:
+        super().__init__(write_interval="batch")
+        self.output, self.fingerprint = Path(output), fingerprint
+        self.done: dict[int, dict] = {}
+        self._journal = None
+
+    def _header(self, dm) -> dict:
+        src = dm.predict_input.path
+        stat = src.stat()
+        key = f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.fingerprint}"
+        return {"journal": "titlegen-predict", "key": hashlib.sha1(key.encode()).hexdigest()}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        dm = trainer.datamodule
+        header, path = self._header(dm), journal_path(self.output)
+        self.done = self._read_journal(path, header)
+        if self.done:
+            log.info("predict: resuming from %s (%d of %d rows already done)", path, len(self.done),
+                     len(dm.predict_input.rows))
+        dm.predict_skip = set(self.done)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.done
+        self._journal = path.open("w" if fresh else "a", encoding="utf-8")
+        if fresh:
+            self._append(header)
+
+    @staticmethod
+    def _read_journal(path: Path, header: dict) -> dict[int, dict]:
+        if not path.is_file():
+            return {}
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            if not lines or json.loads(lines[0]) != header:
+                log.warning("predict: %s belongs to another input or model; starting over", path)
+                return {}
+        except json.JSONDecodeError:
+            return {}
+        done = {}
+        for line in lines[1:]:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the process died
+                continue
+            done[item["row"]] = item
+        return done
+
+    def _append(self, item: dict) -> None:
+        self._journal.write(json.dumps(item, ensure_ascii=False) + "\n")
+        self._journal.flush()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for row, out in zip(prediction["row"], prediction["outputs"]):
+            item = {"row": row, "description": out.text, "stopped": out.stopped, "tokens": out.num_tokens}
+            self.done[row] = item
+            self._append(item)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._journal.close()
+        if trainer.global_rank != 0:
+            return
+        predict_input = trainer.datamodule.predict_input
+        write_csv(self.output, predict_input.header, predict_input.rows, self.done)
+        journal_path(self.output).unlink(missing_ok=True)
+        stopped = sum(1 for d in self.done.values() if d["stopped"])
+        pl_module.print(f"predictions: {self.output} ({len(predict_input.rows)} rows; "
+                        f"{stopped}/{len(self.done)} descriptions ended with EOS)")
+
+
+def write_csv(output: Path, header: list[str], rows: list[dict], done: dict[int, dict]) -> None:
+    """All input columns plus ``description``, in input order; rows never generated (empty title) get ''."""
+    fields = header + ([] if "description" in header else ["description"])
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            for i, row in enumerate(rows):
+                writer.writerow({**row, "description": done.get(i, {}).get("description", "")})
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
