@@ -24,6 +24,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.shuffle, self.group = shuffle, group
         self.epoch, self.skip = 0, 0
+        self.sampler = _EpochRelay(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,11 +51,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size)
 
 
+class _EpochRelay:
+    """Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, not on the batch sampler."""
+
+    def __init__(self, owner: LengthGroupedBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in Lightning checkpoints.
 
-    Lightning stores ``state_dict()`` of stateful loaders in the checkpoint and calls ``load_state_dict`` before
-    iterating again, so a resumed run skips the batches it already trained on instead of starting the epoch over.
+    The position (epoch, batches handed out) goes into the checkpoint through the DataModule's ``state_dict``
+    (Lightning's own loader-state restore is skipped when ``estimated_stepping_batches`` built the loader before
+    the restore), so a resumed run skips the batches it already trained on instead of starting the epoch over.
     Counting happens where batches leave the loader, so worker prefetching does not skew it.
     """
 

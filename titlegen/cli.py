@@ -37,31 +37,27 @@ class TitlegenCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._get(self.config_init, "trainer", default={})
+        ckpt = self._resolve_checkpoint(cfg.get("default_root_dir") or "checkpoints/run")
         if self.subcommand == "predict":
             kwargs["logger"] = False  # predict writes a CSV, not a run directory
+            self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
         elif cfg.get("logger") in (None, True):
-            # Runs land in <default_root_dir>/version_N/ (TensorBoard events, config, checkpoints, adapter).
-            root = cfg.get("default_root_dir") or "checkpoints/run"
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", default_hp_metric=False)
+            kwargs["logger"] = self._run_logger(cfg, ckpt)
         extra = [ThroughputLogger(), AdapterExport()] if self.subcommand == "fit" else []
         if self.subcommand == "predict":
             extra.append(self._prediction_writer())
         kwargs["callbacks"] = list(cfg.get("callbacks") or []) + extra
         return super().instantiate_trainer(**kwargs)
 
-    # ---- before each subcommand ----------------------------------------------------------------------------
-    def before_fit(self) -> None:
-        self._resolve_checkpoint(allow_adapter=False)
-
-    def before_validate(self) -> None:
-        self._resolve_checkpoint(allow_adapter=True)
-
-    def before_test(self) -> None:
-        self._resolve_checkpoint(allow_adapter=True)
-
-    def before_predict(self) -> None:
-        self._resolve_checkpoint(allow_adapter=True)
-        self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
+    def _run_logger(self, cfg: dict, ckpt: Path | None) -> TensorBoardLogger:
+        """TensorBoard in <default_root_dir>/version_N/; a resumed fit continues in its checkpoint's run."""
+        root = cfg.get("default_root_dir") or "checkpoints/run"
+        version = None
+        if self.subcommand == "fit" and ckpt is not None and ckpt.parent.name == "checkpoints":
+            run = ckpt.parent.parent
+            if run.parent.resolve() == Path(root).resolve() and run.name.startswith("version_"):
+                version = run.name
+        return TensorBoardLogger(save_dir=root, name="", version=version, default_hp_metric=False)
 
     def _prediction_writer(self) -> CSVPredictionWriter:
         output = self.config_init["predict"].get("output")
@@ -71,27 +67,30 @@ class TitlegenCLI(LightningCLI):
         ident = {"model": cfg.model.as_dict(), "ckpt": cfg.get("ckpt_path"), "prompt": cfg.data.prompt.as_dict()}
         return CSVPredictionWriter(output, hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest())
 
-    def _resolve_checkpoint(self, allow_adapter: bool) -> None:
-        """Turn ``--ckpt_path`` into an existing ``.ckpt`` file, or (not for fit) an adapter directory."""
+    def _resolve_checkpoint(self, root: str) -> Path | None:
+        """Turn ``--ckpt_path`` into an existing ``.ckpt`` file, or (not for fit) an adapter directory whose
+        weights and ``prompt.yaml`` are used instead. ``last``/``best`` are looked up under ``root``."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
         if ckpt in ("last", "best"):
-            ckpt = cfg["ckpt_path"] = str(find_checkpoint(self.trainer.default_root_dir, ckpt))
+            ckpt = cfg["ckpt_path"] = str(find_checkpoint(root, ckpt))
         if ckpt is None:
             if self.model.adapter_path:
                 self.datamodule.use_prompt_from(self.model.adapter_path)
-            return
+            return None
         path = Path(ckpt)
-        if path.is_dir() and allow_adapter:
+        if path.is_dir() and self.subcommand != "fit":
             if not (path / "adapter_config.json").is_file():
                 raise TitlegenError(f"{path}: not an adapter directory (expected adapter_config.json)")
             self.model.adapter_path = str(path)
             self.datamodule.use_prompt_from(path)
             cfg["ckpt_path"] = None
-        elif path.is_dir():
+            return None
+        if path.is_dir():
             raise TitlegenError(f"{path}: fit --ckpt_path resumes from a .ckpt file, not an adapter directory")
-        elif not path.is_file():
+        if not path.is_file():
             raise TitlegenError(f"{path}: checkpoint not found")
+        return path
 
 
 def find_checkpoint(root: str, which: str) -> Path:
@@ -113,7 +112,7 @@ def main(args: list[str] | None = None) -> None:
     defaults = {"default_config_files": [str(BASE_CONFIG)]} if BASE_CONFIG.is_file() else {}
     try:
         TitlegenCLI(TitleGenModule, TitleDataModule, parser_kwargs={c: defaults for c in SUBCOMMANDS},
-                    auto_configure_optimizers=False, args=args)
+                    auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
     except TitlegenError as err:
         print(f"titlegen: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

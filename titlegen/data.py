@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from titlegen.batching import LengthGroupedBatchSampler, ResumableDataLoader
@@ -63,6 +64,8 @@ class TitleDataModule(L.LightningDataModule):
         self.predict_input: PredictInput | None = None
         self.predict_skip: set[int] = set()  # rows a resumed predict already has
         self._encoder: Encoder | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._loader_state: dict | None = None  # train-loader position restored from a checkpoint
 
     # ---- shared pieces -------------------------------------------------------------------------------------
     @property
@@ -107,10 +110,13 @@ class TitleDataModule(L.LightningDataModule):
                 raise TitlegenError(f"{self.path}: the {name} split is empty (raise data.{name}_fraction)")
 
     def state_dict(self) -> dict:
-        # Stored in every .ckpt: a checkpoint remembers the prompt it was trained with.
+        # Stored in every .ckpt: the prompt it was trained with and where in the epoch training stood.
         from dataclasses import asdict
 
-        return {"prompt": asdict(self.prompt)}
+        state: dict = {"prompt": asdict(self.prompt)}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "prompt" in state:
@@ -118,6 +124,9 @@ class TitleDataModule(L.LightningDataModule):
             if saved != self.prompt:
                 log.warning("data.prompt differs from the checkpoint's; using the checkpoint's prompt")
             self.prompt = saved
+        self._loader_state = state.get("train_loader")
+        if self._loader_state and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._loader_state)
 
     # ---- loaders -------------------------------------------------------------------------------------------
     def _loader(self, name: str, train: bool) -> DataLoader:
@@ -126,11 +135,17 @@ class TitleDataModule(L.LightningDataModule):
         sampler = LengthGroupedBatchSampler(self.splits[name]["length"], size, seed=self.split.seed,
                                             shuffle=train, group=64 if self.group_by_length else 1)
         cls = ResumableDataLoader if train else DataLoader
-        return cls(ds, batch_sampler=sampler, num_workers=self.num_workers,
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG at every epoch,
+        # which would shift the dropout masks of a resumed run.
+        generator = torch.Generator().manual_seed(self.split.seed)
+        return cls(ds, batch_sampler=sampler, num_workers=self.num_workers, generator=generator,
                    collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        self._train_loader = self._loader("train", train=True)
+        if self._loader_state:
+            self._train_loader.load_state_dict(self._loader_state)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", train=False) if "val" in self.splits else []

@@ -117,9 +117,9 @@ class TitleGenModule(L.LightningModule):
         self.val_loss_sum.reset(), self.val_tokens.reset()
         seen, self._val_batches = self._val_batches, 0
         if self.trainer.sanity_checking:
-            # Lightning drops metrics logged in the sanity check; when it covered the whole validation set,
-            # record it as step 0: the untuned model's loss and samples, the baseline of every curve.
-            if seen >= sum(self.trainer.num_val_batches) and self.logger is not None:
+            # Lightning drops metrics logged in the sanity check; when it covered the whole validation set of a
+            # fresh run, record it as step 0: the untuned model's loss and samples, the baseline of every curve.
+            if seen >= sum(self.trainer.num_val_batches) and self.global_step == 0 and self.logger is not None:
                 self.logger.log_metrics(metrics, step=0)
                 self.log_samples(step=0)
             return
@@ -153,9 +153,17 @@ class TitleGenModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # RNG state too, so LoRA dropout after a resume draws the same masks as an uninterrupted run.
+        checkpoint["titlegen_rng"] = {"cpu": torch.get_rng_state(),
+                                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        rng = checkpoint.get("titlegen_rng")
+        if rng is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         saved, expected = set(checkpoint["state_dict"]), self.trainable_names()
         if saved != expected:
             raise TitlegenError(
