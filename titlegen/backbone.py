@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from titlegen.errors import TitlegenError
+from titlegen.packing import ATTENTION_NAME, register_attention
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -28,7 +29,8 @@ class BackboneConfig:
         double_quant: Quantize the 4-bit scales too (saves ~0.4 bit per weight).
         compute_dtype: dtype of the non-quantized weights and of the 4-bit matmuls; ``auto`` is bfloat16 on a GPU
             and float32 on a CPU.
-        attn_implementation: ``sdpa`` (default), ``eager``, ``flex_attention`` or ``flash_attention_2``.
+        attn_implementation: ``sdpa`` (default), ``titlegen_varlen`` (needed by ``data.packing``: PyTorch's
+            variable-length flash attention on CUDA, exact per-example attention elsewhere), ``eager``, ...
         gradient_checkpointing: Recompute activations in the backward pass (much less memory, ~1/3 more compute).
     """
 
@@ -99,6 +101,8 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_model_path(cfg.name_or_path)
+    if cfg.attn_implementation == ATTENTION_NAME:
+        register_attention()
     dtype = resolve_dtype(cfg.compute_dtype, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if cfg.quantization != "none":

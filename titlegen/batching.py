@@ -10,37 +10,60 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Shuffled batches of examples of similar length.
+    """Shuffled batches of examples of similar length, of a fixed size or within a token budget.
 
     Each epoch: shuffle with ``seed + epoch``, cut into windows of ``batch_size * group`` examples, sort each
     window by length, cut it into batches and shuffle the batches. Similar lengths share a batch (little
-    padding) while the order stays random. ``skip`` drops the first batches of the epoch (mid-epoch resume).
+    padding) while the order stays random. With ``max_tokens`` a batch takes examples while its cost stays within
+    the budget: rows x longest row when padded, the sum of lengths when ``packed``. ``skip`` drops the first
+    batches of the epoch (mid-epoch resume).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 group: int = 64) -> None:
+                 group: int = 64, max_tokens: int | None = None, packed: bool = False) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if max_tokens is not None and max_tokens < max(lengths, default=0):
+            raise ValueError(f"max_tokens {max_tokens} is below the longest example ({max(lengths)} tokens)")
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
-        self.shuffle, self.group = shuffle, group
+        self.shuffle, self.group, self.max_tokens, self.packed = shuffle, group, max_tokens, packed
         self.epoch, self.skip = 0, 0
+        self._count: tuple[int, int] | None = None  # (epoch, number of batches) for token budgets
         self.sampler = _EpochRelay(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        if self.max_tokens is None:
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        out: list[list[int]] = []
+        batch: list[int] = []
+        total = longest = 0
+        for i in order:
+            n = self.lengths[i]
+            cost = total + n if self.packed else (len(batch) + 1) * max(longest, n)
+            if batch and cost > self.max_tokens:
+                out.append(batch)
+                batch, total, longest = [], 0, 0
+            batch.append(i)
+            total, longest = total + n, max(longest, n)
+        return out + ([batch] if batch else [])
+
     def batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
         if not self.shuffle:  # evaluation: longest first, so an out-of-memory shows up at once
             order.sort(key=lambda i: -self.lengths[i])
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            return self._cut(order)
         rng = random.Random(self.seed + self.epoch)
         rng.shuffle(order)
-        window = self.batch_size * self.group
+        if self.packed:  # packing has no padding to save: keep the order fully random
+            return self._cut(order)
+        window = self.batch_size * self.group if self.max_tokens is None else len(order)
         out: list[list[int]] = []
         for start in range(0, len(order), window):
             chunk = sorted(order[start:start + window], key=lambda i: self.lengths[i])
-            out.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+            out.extend(self._cut(chunk))
         rng.shuffle(out)
         return out
 
@@ -48,7 +71,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from self.batches()[self.skip:]
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        if self.max_tokens is None:
+            return -(-len(self.lengths) // self.batch_size)
+        if self._count is None or self._count[0] != self.epoch:
+            self._count = (self.epoch, len(self.batches()))
+        return self._count[1]
 
 
 class _EpochRelay:

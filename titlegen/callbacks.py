@@ -14,6 +14,13 @@ from titlegen import backbone as bb
 from titlegen.prompts import save_prompt
 
 
+def non_padding_tokens(batch: dict) -> int:
+    if "num_tokens" in batch:  # packed
+        return int(batch["num_tokens"])
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 class ThroughputLogger(L.Callback):
     """Logs ``train/tokens_per_s`` (non-padding tokens), ``train/padded_tokens_per_s`` and, on a GPU,
     ``train/gpu_peak_gib``, averaged over each ``log_every_n_steps`` window."""
@@ -23,7 +30,7 @@ class ThroughputLogger(L.Callback):
         self._tokens = self._padded = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        self._tokens += int(batch["labels"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum())
+        self._tokens += int(non_padding_tokens(batch))
         self._padded += int(batch["input_ids"].numel())
         now = time.perf_counter()
         if self._t0 is None:  # the first batch pays for warm-up; start the clock after it

@@ -18,16 +18,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from titlegen.callbacks import AdapterExport, ThroughputLogger
 from titlegen.data import TitleDataModule
 from titlegen.errors import TitlegenError
+from titlegen.evaluate import TitlegenTrainer
 from titlegen.module import TitleGenModule
 from titlegen.quiet import quiet_third_party
 from titlegen.writer import CSVPredictionWriter
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "evaluate")
 
 
 class TitlegenCLI(LightningCLI):
     """LightningCLI wired for titlegen: linked arguments, run directories, checkpoint/adapter resolution."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         # Say each value once: the data is tokenized with the model's own tokenizer.
@@ -38,13 +43,14 @@ class TitlegenCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self._get(self.config_init, "trainer", default={})
         ckpt = self._resolve_checkpoint(cfg.get("default_root_dir") or "checkpoints/run")
-        if self.subcommand == "predict":
-            kwargs["logger"] = False  # predict writes a CSV, not a run directory
-            self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
+        if self.subcommand in ("predict", "evaluate"):
+            kwargs["logger"] = False  # they write a CSV or a report, not a run directory (nor its config.yaml)
+            self.save_config_callback = None
         elif cfg.get("logger") in (None, True):
             kwargs["logger"] = self._run_logger(cfg, ckpt)
         extra = [ThroughputLogger(), AdapterExport()] if self.subcommand == "fit" else []
         if self.subcommand == "predict":
+            self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
             extra.append(self._prediction_writer())
         kwargs["callbacks"] = list(cfg.get("callbacks") or []) + extra
         return super().instantiate_trainer(**kwargs)
@@ -111,7 +117,8 @@ def main(args: list[str] | None = None) -> None:
     quiet_third_party()
     defaults = {"default_config_files": [str(BASE_CONFIG)]} if BASE_CONFIG.is_file() else {}
     try:
-        TitlegenCLI(TitleGenModule, TitleDataModule, parser_kwargs={c: defaults for c in SUBCOMMANDS},
+        TitlegenCLI(TitleGenModule, TitleDataModule, trainer_class=TitlegenTrainer,
+                    parser_kwargs={c: defaults for c in SUBCOMMANDS},
                     auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
     except TitlegenError as err:
         print(f"titlegen: error: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from titlegen.batching import LengthGroupedBatchSampler, ResumableDataLoader
 from titlegen.cache import SplitSettings, load_or_build
 from titlegen.encoding import Encoder, collate_prompts, collate_train
 from titlegen.errors import TitlegenError
+from titlegen.packing import collate_packed
 from titlegen.predict_input import PredictInput, read_predict_csv
 from titlegen.prompts import PromptTemplate, load_prompt
-from titlegen.records import check_readable
+from titlegen.records import check_readable, clean_records, iter_rows
 
 log = logging.getLogger("titlegen")
 
@@ -27,6 +29,8 @@ class TitleDataModule(L.LightningDataModule):
     Args:
         path: Training data: JSON Lines (``trn.json`` layout: ``title``, ``content``), ``.json.gz`` or CSV.
         predict_path: CSV with a ``title`` column, for ``predict``.
+        eval_path: Rows (``title``, ``content``; any training format) for ``evaluate``, used whole; default: the
+            test split of ``path``, or its validation split when there is no test split.
         tokenizer: Tokenizer directory or name; by default the model's (``model.backbone.name_or_path``).
         prompt: The prompt template (saved beside the adapter and reloaded for predict).
         max_length: Longest training example in tokens; longer responses are cut, the EOS is kept.
@@ -42,24 +46,32 @@ class TitleDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: Where processed splits are kept.
         pad_to_multiple_of: Round padded lengths up to this multiple (8 suits GPU matrix units).
+        packing: Train on rows of several whole examples, each attending only to itself: no padding at all.
+            Needs ``model.backbone.attn_implementation: titlegen_varlen``.
+        max_tokens: Token budget per training batch (instead of ``batch_size`` examples): rows x longest row
+            when padded, the sum of example lengths when packed. Default with packing: batch_size x max_length.
     """
 
-    def __init__(self, path: str = "", predict_path: str | None = None, tokenizer: str = "",
+    def __init__(self, path: str = "", predict_path: str | None = None, eval_path: str | None = None,
+                 tokenizer: str = "",
                  prompt: PromptTemplate | None = None, max_length: int = 512, batch_size: int = 8,
                  eval_batch_size: int | None = None, max_records: int | None = None, seed: int = 0,
                  val_fraction: float = 0.05, test_fraction: float = 0.0, group_by_length: bool = True,
                  num_val_samples: int = 4, skip_bad_lines: bool = False, num_workers: int = 0,
-                 cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8) -> None:
+                 cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8, packing: bool = False,
+                 max_tokens: int | None = None) -> None:
         super().__init__()
         if not 0 <= val_fraction + test_fraction < 1:
             raise TitlegenError("data.val_fraction + data.test_fraction must be in [0, 1)")
-        self.path, self.predict_path, self.tokenizer_name = path, predict_path, tokenizer
+        self.path, self.predict_path, self.eval_path, self.tokenizer_name = path, predict_path, eval_path, tokenizer
         self.prompt = prompt or PromptTemplate()
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.split = SplitSettings(max_records, seed, val_fraction, test_fraction, skip_bad_lines)
         self.group_by_length, self.num_val_samples = group_by_length, num_val_samples
         self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
+        self.packing = packing
+        self.max_tokens = max_tokens or (batch_size * max_length if packing else None)
         self.splits: dict = {}
         self.predict_input: PredictInput | None = None
         self.predict_skip: set[int] = set()  # rows a resumed predict already has
@@ -132,14 +144,17 @@ class TitleDataModule(L.LightningDataModule):
     def _loader(self, name: str, train: bool) -> DataLoader:
         ds = self.splits[name].select_columns(["input_ids", "labels"])
         size = self.batch_size if train else self.eval_batch_size
-        sampler = LengthGroupedBatchSampler(self.splits[name]["length"], size, seed=self.split.seed,
-                                            shuffle=train, group=64 if self.group_by_length else 1)
+        packed = self.packing and train  # evaluation stays padded: no gradients, simpler
+        sampler = LengthGroupedBatchSampler(self.splits[name]["length"], size, seed=self.split.seed, shuffle=train,
+                                            group=64 if self.group_by_length else 1,
+                                            max_tokens=self.max_tokens if train else None, packed=packed)
+        collate = collate_packed if packed else collate_train
         cls = ResumableDataLoader if train else DataLoader
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG at every epoch,
         # which would shift the dropout masks of a resumed run.
         generator = torch.Generator().manual_seed(self.split.seed)
         return cls(ds, batch_sampler=sampler, num_workers=self.num_workers, generator=generator,
-                   collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
+                   collate_fn=partial(collate, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader("train", train=True)
@@ -156,6 +171,34 @@ class TitleDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         assert self.predict_input is not None
         return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip)
+
+    # ---- evaluate ------------------------------------------------------------------------------------------
+    def eval_rows(self) -> list[dict]:
+        """(title, content) rows to evaluate on, cleaned like training data, in file order."""
+        if self.eval_path:
+            stats: Counter = Counter()
+            records = clean_records(iter_rows(self.eval_path, stats, self.split.skip_bad_lines), stats)
+            rows = [{"title": r.title, "content": r.content} for r in records]
+        else:
+            self.setup("validate")
+            split = self.splits.get("test") or self.splits.get("val")
+            if split is None:
+                raise TitlegenError("evaluate: set data.eval_path, or give data.path a test or validation split")
+            rows = [{"title": t, "content": c} for t, c in zip(split["title"], split["content"])]
+        if not rows:
+            raise TitlegenError(f"{self.eval_path or self.path}: no usable rows to evaluate")
+        return rows
+
+    def eval_loaders(self, rows: list[dict]) -> tuple[DataLoader, DataLoader]:
+        """Left-padded prompts for generation, and encoded (prompt, reference) pairs for loss/perplexity."""
+        gen = PredictInput(Path(self.eval_path or self.path), ["title", "content"], rows, [r["title"] for r in rows])
+        encoded = [e for e in self.encoder.encode([r["title"] for r in rows], [r["content"] for r in rows]) if e]
+        examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+        sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], self.eval_batch_size,
+                                            shuffle=False)
+        loss = DataLoader(examples, batch_sampler=sampler,
+                          collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
+        return gen.loader(self.encoder, self.eval_batch_size), loss
 
     # ---- generation samples --------------------------------------------------------------------------------
     def sample_rows(self) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
@@ -14,6 +15,7 @@ from titlegen import backbone as bb
 from titlegen.errors import TitlegenError
 from titlegen.generation import GenerationSettings, generate
 from titlegen.loss import response_loss
+from titlegen.packing import packed_forward_kwargs
 from titlegen.schedule import ScheduleSettings, build_scheduler
 
 
@@ -43,6 +45,7 @@ class TitleGenModule(L.LightningModule):
         self.adapter_path, self.loss_chunk_tokens = adapter_path, loss_chunk_tokens
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
+        self.use_adapter = True  # evaluate switches it off to score the untuned base with the same weights
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self._val_batches = 0
         # Checkpoints hold only the adapter: the frozen (4-bit) base is rebuilt from backbone.name_or_path.
@@ -67,20 +70,33 @@ class TitleGenModule(L.LightningModule):
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
+    def adapter_scope(self):
+        """A context in which the LoRA adapter is on (default) or off (the untuned base)."""
+        if self.use_adapter or not hasattr(self.model, "disable_adapter"):
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response-token loss and token count of a batch."""
-        mask = batch.get("attention_mask")
-        if mask is not None and bool(mask.all()):
-            mask = None  # no padding: lets SDPA take its fast causal path
-        out = self._decoder.trunk(input_ids=batch["input_ids"], attention_mask=mask,
-                                  position_ids=batch.get("position_ids"), use_cache=False)
+        with self.adapter_scope():
+            return self._forward_loss(batch)
+
+    def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "cu_seq_lens" in batch:  # packed: boundaries go to the attention, no mask is built
+            kwargs = packed_forward_kwargs(batch)
+        else:
+            mask = batch.get("attention_mask")
+            if mask is not None and bool(mask.all()):
+                mask = None  # no padding: lets SDPA take its fast causal path
+            kwargs = {"attention_mask": mask}
+        out = self._decoder.trunk(input_ids=batch["input_ids"], use_cache=False, **kwargs)
         return response_loss(out[0], self._decoder.head, batch["labels"], self.loss_chunk_tokens)
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.forward_loss(batch)
         loss = loss_sum / count.clamp(min=1)
-        size = batch["input_ids"].shape[0]
+        size = int(batch["cu_seq_lens"].numel() - 1) if "cu_seq_lens" in batch else batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=size)
         return loss
@@ -146,7 +162,8 @@ class TitleGenModule(L.LightningModule):
 
     # ---- predict -------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        outputs = generate(self.model, self.tokenizer, batch, self.generation)
+        with self.adapter_scope():
+            outputs = generate(self.model, self.tokenizer, batch, self.generation)
         return {"row": batch["row"].tolist(), "outputs": outputs}
 
     # ---- checkpoints: adapter tensors only -----------------------------------------------------------------
