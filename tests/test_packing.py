@@ -96,8 +96,8 @@ def test_token_budget_batches():
             cost = sum(lengths[i] for i in b) if packed else len(b) * max(lengths[i] for i in b)
             assert cost <= 1024
         assert len(sampler) == len(batches)
-    with pytest.raises(ValueError, match="longest example"):
-        LengthGroupedBatchSampler([10, 2000], batch_size=2, max_tokens=1024)
+    alone = LengthGroupedBatchSampler([10, 2000, 20], batch_size=2, max_tokens=1024, packed=True, shuffle=False)
+    assert alone.batches() == [[1], [2, 0]]  # too long for the budget: a batch of its own
 
 
 def test_cli_fit_with_packing(tmp_path, tiny_model_dir):

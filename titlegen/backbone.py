@@ -32,6 +32,8 @@ class BackboneConfig:
         attn_implementation: ``sdpa`` (default), ``titlegen_varlen`` (needed by ``data.packing``: PyTorch's
             variable-length flash attention on CUDA, exact per-example attention elsewhere), ``eager``, ...
         gradient_checkpointing: Recompute activations in the backward pass (much less memory, ~1/3 more compute).
+        liger_kernel: Swap in Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (GPU; needs
+            ``liger-kernel``).
     """
 
     name_or_path: str = ""
@@ -40,6 +42,7 @@ class BackboneConfig:
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
+    liger_kernel: bool = False
 
 
 @dataclass
@@ -117,11 +120,23 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     disable_cpu_4bit_repacking(model)
+    if cfg.liger_kernel:
+        apply_liger(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings, so no enable_input_require_grads hack.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = not cfg.gradient_checkpointing
     return model
+
+
+def apply_liger(model: torch.nn.Module) -> None:
+    """Fused RMSNorm / RoPE / SwiGLU kernels; the loss stays titlegen's own (response tokens only, chunked)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise TitlegenError("model.backbone.liger_kernel needs the liger-kernel package (GPU only)") from err
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
@@ -169,6 +184,45 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
 def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) into ``directory``."""
     model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def merge_into_dense(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Dequantize every 4-bit layer once and fold each LoRA update into it: a plain dense transformers model
+    that computes what the 4-bit base + adapter compute (up to rounding to ``dtype``), with no per-step
+    dequantization. The merge is done in float32 on the dequantized weights, never into 4-bit weights
+    (re-quantizing a merged weight loses the adapter, peft#2321)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, module in list(base.named_modules()):
+        if name.endswith(".base_layer") or ".lora_" in name:
+            continue  # parts of a LoRA layer: handled with it
+        is_lora = hasattr(module, "base_layer") and hasattr(module, "lora_A")
+        if not is_lora and not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        inner = module.base_layer if is_lora else module
+        four_bit = isinstance(inner, bnb.nn.Linear4bit)
+        dense = dequantize_4bit(inner.weight.data, inner.weight.quant_state) if four_bit else inner.weight.data
+        merged = dense.float()
+        for key in module.active_adapters if is_lora else []:
+            if key in module.lora_A:
+                a, b = module.lora_A[key].weight.float(), module.lora_B[key].weight.float()
+                merged = merged + module.scaling[key] * (b @ a)
+        out_dtype = dtype or dense.dtype
+        linear = torch.nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None,
+                                 device=merged.device, dtype=out_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(merged)
+            if inner.bias is not None:
+                linear.bias.copy_(inner.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
+    base.hf_quantizer = None
+    base.is_quantized = False
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    return base
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -15,16 +15,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     Each epoch: shuffle with ``seed + epoch``, cut into windows of ``batch_size * group`` examples, sort each
     window by length, cut it into batches and shuffle the batches. Similar lengths share a batch (little
     padding) while the order stays random. With ``max_tokens`` a batch takes examples while its cost stays within
-    the budget: rows x longest row when padded, the sum of lengths when ``packed``. ``skip`` drops the first
-    batches of the epoch (mid-epoch resume).
+    the budget: rows x longest row when padded, the sum of lengths when ``packed`` (an example longer than the
+    budget forms a batch of its own). ``skip`` drops the first batches of the epoch (mid-epoch resume).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
                  group: int = 64, max_tokens: int | None = None, packed: bool = False) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if max_tokens is not None and max_tokens < max(lengths, default=0):
-            raise ValueError(f"max_tokens {max_tokens} is below the longest example ({max(lengths)} tokens)")
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.shuffle, self.group, self.max_tokens, self.packed = shuffle, group, max_tokens, packed
         self.epoch, self.skip = 0, 0

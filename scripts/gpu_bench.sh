@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU measurements, each run side by side with its peer in one command (see ../shared/GPU.md).
+# On the lent H100, from the repository root, with .gpu/ (and .gpu-unsloth/ for "final") carried along:
+#   bash scripts/gpu_bench.sh explore   # TRL packed peer + titlegen variants with a kernel profile + GPU tests
+#   bash scripts/gpu_bench.sh final     # TRL peers (packed, seed notebook) + Unsloth + titlegen, one table
+#   bash scripts/gpu_bench.sh predict   # HF generate peer + titlegen predict (NF4 and merged)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source .gpu/setup.sh || exit 1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+B=.gpu/bench
+VARIANTS=${VARIANTS:-fast,recipe}
+python -c "import torch, inspect; from torch.nn.attention import varlen; print('torch', torch.__version__, \
+torch.cuda.get_device_name(), 'varlen_attn', inspect.signature(varlen.varlen_attn))" 2>&1 | tail -1
+peer() { python $B/peer_bench.py --lengths $B/lengths_chars.json --variants $B/peer_variants.json --only "$1" \
+  --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" | grep '^{'; }
+ours() { python scripts/benchmark.py --lengths $B/lengths_chars.json --variants "$1" --out "$OUT/ours.jsonl" \
+  ${2:-} 2>"$OUT/ours.err" | tee -a "$OUT/ours.log" | grep -E '^\{|^ *(Name|aten|void|ampere|sm90|Memcpy|triton|kernel|cutlass|Self)' | head -45; }
+case "${1:-explore}" in
+  explore)
+    peer trl-packed-bs8-llama3-8b
+    ours "$VARIANTS" --profile
+    python -m pytest -q -m gpu tests/test_gpu.py -s 2>&1 | tail -4 ;;
+  final)
+    peer trl-packed-bs8-llama3-8b,seed000-trl-llama3-8b
+    (source .gpu/setup-unsloth.sh && python $B/unsloth_bench.py packed 8 2>"$OUT/unsloth.err" | grep '^{') \
+      || echo '{"name": "unsloth", "error": "see unsloth.err"}'
+    ours "$VARIANTS" ;;
+  predict)
+    python $B/peer_predict.py 2>"$OUT/peer_predict.err" | grep '^{'
+    python scripts/benchmark_predict.py --lengths $B/lengths_chars.json --titles 2000 --batch ${BATCH:-512} \
+      --variants ${PVARIANTS:-nf4,merged} 2>"$OUT/predict.err" | grep '^{' ;;
+esac
+tail -3 "$OUT"/*.err 2>/dev/null | grep -iE "error|Traceback" | head -5

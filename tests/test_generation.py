@@ -1,0 +1,39 @@
+"""Generation pieces: the vectorized no-repeat-ngram rule, and the dequantize-and-merge inference path."""
+
+import pytest
+import torch
+
+from titlegen import backbone as bb
+from titlegen.generation import NoRepeatNGram
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_equals_transformers(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    g = torch.Generator().manual_seed(n)
+    for _ in range(100):
+        length = int(torch.randint(1, 40, (1,), generator=g))
+        ids = torch.randint(0, 12, (6, length), generator=g)
+        scores = torch.randn(6, 12, generator=g)
+        expected = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+        assert torch.equal(NoRepeatNGram(n)(ids, scores.clone()), expected)
+
+
+def test_merged_dense_model_computes_what_nf4_plus_adapter_computes(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8)).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(4, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        dense = bb.merge_into_dense(model)
+        got = dense(input_ids=ids).logits
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    assert not any("lora" in n for n, _ in dense.named_modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
