@@ -25,7 +25,7 @@ case "${1:-explore}" in
     peer trl-packed-bs8-llama3-8b,seed000-trl-llama3-8b
     (source .gpu/setup-unsloth.sh && python $B/unsloth_bench.py packed 8 2>"$OUT/unsloth.err" | grep '^{') \
       || echo '{"name": "unsloth", "error": "see unsloth.err"}'
-    ours "$VARIANTS" ;;
+    ours "$VARIANTS" "${OURS_ARGS:-}" ;;
   predict)
     python $B/peer_predict.py 2>"$OUT/peer_predict.err" | grep '^{'
     python scripts/benchmark_predict.py --lengths $B/lengths_chars.json --titles 2000 --batch ${BATCH:-512} \

@@ -20,7 +20,7 @@ class BenchClock(L.Callback):
         result_file: Where the JSON result goes.
         warmup: Steps left out of the timing (allocation, autotuning, first-batch effects).
         peak_tflops: The GPU's bf16 matmul rate, for MFU (6N FLOP per token: forward, recompute, input grads).
-        profile: Print the top CUDA kernels of the first timed step.
+        profile: Print the top CUDA kernels of one warm-up step.
     """
 
     def __init__(self, result_file: str, warmup: int = 4, peak_tflops: float = 800.0, profile: bool = False) -> None:
@@ -34,7 +34,8 @@ class BenchClock(L.Callback):
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.profile and batch_idx == self.warmup and self._prof is None:
+        # A warm-up step: profiling slows the step it watches, so it must stay out of the timed window.
+        if self.profile and batch_idx == max(0, self.warmup - 2) and self._prof is None:
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                             torch.profiler.ProfilerActivity.CUDA])
             self._prof.__enter__()
@@ -44,7 +45,7 @@ class BenchClock(L.Callback):
         self.padded += batch["input_ids"].numel()
         self._sync()
         self.marks.append((time.perf_counter(), self.tokens, self.padded))
-        if self._prof is not None and batch_idx == self.warmup:
+        if self._prof is not None and batch_idx == max(0, self.warmup - 2):
             self._prof.__exit__(None, None, None)
             print(self._prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
 

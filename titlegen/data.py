@@ -49,7 +49,7 @@ class TitleDataModule(L.LightningDataModule):
         packing: Train on rows of several whole examples, each attending only to itself: no padding at all.
             Needs ``model.backbone.attn_implementation: titlegen_varlen``.
         max_tokens: Token budget per training batch (instead of ``batch_size`` examples): rows x longest row
-            when padded, the sum of example lengths when packed. Default with packing: batch_size x max_length.
+            when padded, the sum of example lengths when packed. Without it a batch is ``batch_size`` examples.
     """
 
     def __init__(self, path: str = "", predict_path: str | None = None, eval_path: str | None = None,
@@ -71,7 +71,7 @@ class TitleDataModule(L.LightningDataModule):
         self.group_by_length, self.num_val_samples = group_by_length, num_val_samples
         self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
         self.packing = packing
-        self.max_tokens = max_tokens or (batch_size * max_length if packing else None)
+        self.max_tokens = max_tokens
         self.splits: dict = {}
         self.predict_input: PredictInput | None = None
         self.predict_skip: set[int] = set()  # rows a resumed predict already has

@@ -38,7 +38,7 @@ class TitleGenModule(L.LightningModule):
     def __init__(self, backbone: bb.BackboneConfig, lora: bb.LoraSettings | None = None,
                  optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings | None = None,
                  generation: GenerationSettings | None = None, adapter_path: str | None = None,
-                 loss_chunk_tokens: int = 2048, merge_for_predict: bool = False) -> None:
+                 loss_chunk_tokens: int = 1024, merge_for_predict: bool = False) -> None:
         super().__init__()
         self.backbone_cfg, self.lora = backbone, lora or bb.LoraSettings()
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
