@@ -52,10 +52,10 @@ VARIANTS = {
     "fast-16k": PACKED + ["--data.max_tokens", "16384", "--data.max_length", "1024"] + LIGER,
     # The notebook's recipe (same LoRA, same 8-bit AdamW, 8 examples per optimizer step, max length 2048),
     # the 8 examples packed into one row instead of 8 accumulated micro-batches of one.
-    "recipe": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048"],
-    "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048"] + LIGER,
-    "recipe-liger-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048",
-                                   "--model.backbone.gradient_checkpointing", "false"] + LIGER,
+    "recipe": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"],
+    "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
+    "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
+                             "--model.backbone.gradient_checkpointing", "false"],
     "padded": ["--data.batch_size", "8", "--data.max_length", "1024", "--trainer.accumulate_grad_batches", "1"],
 }
 

@@ -3,6 +3,7 @@
 # On the lent H100, from the repository root, with .gpu/ (and .gpu-unsloth/ for "final") carried along:
 #   bash scripts/gpu_bench.sh explore   # TRL packed peer + titlegen variants with a kernel profile + GPU tests
 #   bash scripts/gpu_bench.sh final     # TRL peers (packed, seed notebook) + Unsloth + titlegen, one table
+#   bash scripts/gpu_bench.sh recipe    # TRL with the seed notebook's settings + titlegen with the same recipe
 #   bash scripts/gpu_bench.sh predict   # HF generate peer + titlegen predict (NF4 and merged)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ case "${1:-explore}" in
     peer trl-packed-bs8-llama3-8b,seed000-trl-llama3-8b
     (source .gpu/setup-unsloth.sh && python $B/unsloth_bench.py packed 8 2>"$OUT/unsloth.err" | grep '^{') \
       || echo '{"name": "unsloth", "error": "see unsloth.err"}'
+    ours "$VARIANTS" "${OURS_ARGS:-}" ;;
+  recipe)
+    peer seed000-trl-llama3-8b
     ours "$VARIANTS" "${OURS_ARGS:-}" ;;
   predict)
     python $B/peer_predict.py 2>"$OUT/peer_predict.err" | grep '^{'
