@@ -60,8 +60,11 @@ VARIANTS = {
 }
 
 
-def make_checkpoint(shape: str, path: Path) -> None:
-    """Random weights of a real architecture, saved like any HF model directory, plus a word-level tokenizer."""
+def make_checkpoint(shape: str, path: Path) -> Path:
+    """Random weights of a real architecture saved like any HF model directory (shared with the peers, which
+    load ``path``), and titlegen's view of it: ``path``-titlegen, the same weight files (symlinks) with a
+    word-level tokenizer whose words ("t123") never contain a special token. (The peers' tokenizer names its
+    special tokens "w0".."w3"; added tokens match inside words, so "w1562" would tokenize as "w1" + unknown.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
@@ -76,12 +79,19 @@ def make_checkpoint(shape: str, path: Path) -> None:
         model.save_pretrained(str(path))
         del model
         torch.cuda.empty_cache()
-    if not (path / "tokenizer.json").is_file():
-        vocab = {f"w{i}": i for i in range(SHAPES[shape]["vocab_size"])}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2", pad_token="w3",
-                                unk_token="w0").save_pretrained(str(path))
+    view = path.with_name(path.name + "-titlegen")
+    view.mkdir(parents=True, exist_ok=True)
+    for item in path.iterdir():
+        if item.suffix in (".json", ".safetensors") and "token" not in item.name and not (view / item.name).exists():
+            (view / item.name).symlink_to(item.resolve())
+    if not (view / "tokenizer.json").is_file():
+        specials = ["<unk>", "<s>", "</s>", "<pad>"]
+        vocab = {**{t: i for i, t in enumerate(specials)}, **{f"t{i}": i for i in range(4, spec["vocab_size"])}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                pad_token="<pad>").save_pretrained(str(view))
+    return view
 
 
 def make_data(lengths: list, vocab: int, n: int, path: Path, seed: int = 0) -> float:
@@ -91,8 +101,8 @@ def make_data(lengths: list, vocab: int, n: int, path: Path, seed: int = 0) -> f
     with path.open("w") as fh:
         for i in range(n):
             p, r = rng.choice(lengths)
-            title = " ".join(f"w{rng.randrange(10, vocab)}" for _ in range(p))
-            content = " ".join(f"w{rng.randrange(10, vocab)}" for _ in range(r))
+            title = " ".join(f"t{rng.randrange(10, vocab)}" for _ in range(p))
+            content = " ".join(f"t{rng.randrange(10, vocab)}" for _ in range(r))
             fh.write(json.dumps({"uid": str(i), "title": title, "content": content}) + "\n")
             total += p + r + 1  # + EOS
     return total / n
@@ -163,8 +173,7 @@ def main() -> None:
         args.peak_tflops = round(matmul_tflops(), 1) if torch.cuda.is_available() else 1.0
         print(json.dumps({"matmul_bf16_tflops": args.peak_tflops}), flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ckpt = Path(args.ckpt_dir) / args.shape
-    make_checkpoint(args.shape, ckpt)
+    ckpt = make_checkpoint(args.shape, Path(args.ckpt_dir) / args.shape)
     lengths = json.load(open(args.lengths))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -59,7 +59,7 @@ def make_titles(lengths: list, vocab: int, n: int, path: Path, seed: int = 0) ->
         writer.writerow(["id", "title"])
         for i in range(n):
             p, _ = rng.choice(lengths)
-            writer.writerow([i, " ".join(f"w{rng.randrange(10, vocab)}" for _ in range(p))])
+            writer.writerow([i, " ".join(f"t{rng.randrange(10, vocab)}" for _ in range(p))])
 
 
 def run_variant(name: str, args, ckpt: Path, adapter: Path, titles: Path, tmp: Path) -> dict:
@@ -95,8 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.argv = sys.argv[:1]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ckpt = Path(args.ckpt_dir) / args.shape
-    make_checkpoint(args.shape, ckpt)
+    ckpt = make_checkpoint(args.shape, Path(args.ckpt_dir) / args.shape)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         make_adapter(ckpt, tmp / "adapter")

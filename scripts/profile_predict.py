@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--ckpt", default="/tmp/peer_ckpt/llama3-8b")
     args = ap.parse_args()
-    make_checkpoint("llama3-8b", Path(args.ckpt))
+    args.ckpt = str(make_checkpoint("llama3-8b", Path(args.ckpt)))
     base = bb.load_base_model(bb.BackboneConfig(name_or_path=args.ckpt, gradient_checkpointing=False),
                               torch.device("cuda"))
     model = bb.merge_into_dense(bb.attach_lora(base, bb.LoraSettings(r=16)), torch.bfloat16).eval()
