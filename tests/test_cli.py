@@ -200,3 +200,17 @@ def test_every_config_parses(config, capsys):
         assert run(sub, "--config", str(config), "--print_config") == 0
         printed = capsys.readouterr().out
         assert "backbone:" in printed and "prompt:" in printed
+
+
+def test_ddp_two_processes_on_cpu(setup):
+    """The multi-GPU path, on 2 CPU processes (gloo): each rank trains on its own shard of the batches."""
+    tmp, cfg = setup
+    cmd = [sys.executable, "-m", "titlegen", "fit", "--config", str(cfg), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+           "--trainer.val_check_interval", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp / "runs" / "version_0"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert sorted(scalars(run_dir, "train/loss")) == [0, 1]

@@ -66,14 +66,35 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.skip:]
+        yield from self._shard(self.batches())[self.skip:]
 
     def __len__(self) -> int:
         if self.max_tokens is None:
-            return -(-len(self.lengths) // self.batch_size)
-        if self._count is None or self._count[0] != self.epoch:
-            self._count = (self.epoch, len(self.batches()))
-        return self._count[1]
+            total = -(-len(self.lengths) // self.batch_size)
+        else:
+            if self._count is None or self._count[0] != self.epoch:
+                self._count = (self.epoch, len(self.batches()))
+            total = self._count[1]
+        world, _ = _world()
+        return total if world == 1 else total // world
+
+    @staticmethod
+    def _shard(batches: list[list[int]]) -> list[list[int]]:
+        """Under DDP every rank takes every world-th batch of the same epoch order, the same number on each
+        rank (the last few batches are dropped when the count does not divide), so no rank waits for another."""
+        world, rank = _world()
+        if world == 1:
+            return batches
+        per_rank = len(batches) // world
+        return batches[rank:per_rank * world:world]
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 class _EpochRelay:

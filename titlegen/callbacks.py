@@ -39,7 +39,9 @@ class ThroughputLogger(L.Callback):
         if (batch_idx + 1) % trainer.log_every_n_steps:
             return
         elapsed = max(now - self._t0, 1e-9)
-        metrics = {"train/tokens_per_s": self._tokens / elapsed, "train/padded_tokens_per_s": self._padded / elapsed}
+        world = trainer.world_size  # every rank trains on as many batches: report the whole job's rate
+        metrics = {"train/tokens_per_s": world * self._tokens / elapsed,
+                   "train/padded_tokens_per_s": world * self._padded / elapsed}
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             metrics["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(metrics, on_step=True, batch_size=batch["input_ids"].shape[0])
@@ -52,10 +54,11 @@ class AdapterExport(L.Callback):
     ``config.yaml`` — everything ``predict`` (or plain ``peft.PeftModel.from_pretrained``) needs."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_rank != 0 or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
+        if trainer.global_rank != 0 or log_dir is None:
             return
-        target = Path(trainer.log_dir) / "adapter"
-        export_adapter(pl_module, trainer.datamodule, target, Path(trainer.log_dir) / "config.yaml")
+        target = Path(log_dir) / "adapter"
+        export_adapter(pl_module, trainer.datamodule, target, Path(log_dir) / "config.yaml")
         pl_module.print(f"adapter exported: {target}")
 
 

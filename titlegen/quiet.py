@@ -24,6 +24,8 @@ def quiet_third_party() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMatching("litlogger"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # val/loss and val/ppl come from torchmetrics sums that are already reduced across ranks.
+    warnings.filterwarnings("ignore", message=r".*self.log\('(val|test)/.*sync_dist=True.*")
     import transformers
 
     transformers.logging.set_verbosity_error()
