@@ -54,36 +54,39 @@ def test_nf4_layers_and_trainable_lora_only(tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def _grads_then_eval_pass(model, batch) -> dict:
+    """LoRA gradients, then what Lightning's sanity check and validation do: an eval-mode no-grad forward."""
+    before = _lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    model.train()
+    return before
+
+
+def _repacked(model) -> bool:
+    return any(hasattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu")
+               for m in model.modules())
+
+
 def test_eval_forward_does_not_corrupt_later_gradients(tiny_model_dir):
     """NOTES.md: on AVX512-BF16 CPUs an eval no-grad forward repacks 4-bit weights and later backwards drop
     gradients silently. With the workaround, gradients after an eval pass equal those before it."""
     model = _model(tiny_model_dir)
     batch = _batch(model.config.vocab_size)
-    before = _lora_grads(model, batch)
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=batch["input_ids"])
-    model.train()
+    before = _grads_then_eval_pass(model, batch)
     after = _lora_grads(model, batch)
     for name in before:
         assert before[name].abs().sum() > 0
         torch.testing.assert_close(after[name], before[name])
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "quant_state", None)
-        assert state is None or not hasattr(state, "packing_format_for_cpu")
+    assert not _repacked(model)
 
 
 def test_the_trap_exists_without_the_workaround(tiny_model_dir):
     model = _model(tiny_model_dir, fix=False)
     batch = _batch(model.config.vocab_size)
-    before = _lora_grads(model, batch)
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=batch["input_ids"])
-    model.train()
-    repacked = any(hasattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu")
-                   for m in model.modules())
-    if not repacked:
+    before = _grads_then_eval_pass(model, batch)
+    if not _repacked(model):
         pytest.skip("this CPU lacks AVX512-BF16: bitsandbytes never repacks here")
     with pytest.warns(UserWarning):
         after = _lora_grads(model, batch)
