@@ -107,3 +107,10 @@ def test_cli_fit_with_packing(tmp_path, tiny_model_dir):
                "--trainer.max_steps", "3", "--trainer.val_check_interval", "3") == 0
     losses = scalars(tmp_path / "runs" / "version_0", "train/loss")
     assert sorted(losses) == [0, 1, 2] and all(0 < v < 20 for v in losses.values())
+
+
+def test_packing_without_the_packed_attention_is_refused(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, packing=True, max_tokens=96)
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 2
+    assert f"data.packing needs model.backbone.attn_implementation: {ATTENTION_NAME}" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from titlegen import backbone as bb
 from titlegen.errors import TitlegenError
 from titlegen.generation import GenerationSettings, generate
 from titlegen.loss import response_loss
-from titlegen.packing import packed_forward_kwargs
+from titlegen.packing import ATTENTION_NAME, packed_forward_kwargs
 from titlegen.schedule import ScheduleSettings, build_scheduler
 
 
@@ -97,6 +97,9 @@ class TitleGenModule(L.LightningModule):
 
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "cu_seq_lens" in batch:  # packed: boundaries go to the attention, no mask is built
+            if self.backbone_cfg.attn_implementation != ATTENTION_NAME:
+                # Any other attention would let packed examples see each other, silently.
+                raise TitlegenError(f"data.packing needs model.backbone.attn_implementation: {ATTENTION_NAME}")
             kwargs = packed_forward_kwargs(batch)
         else:
             mask = batch.get("attention_mask")
