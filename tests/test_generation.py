@@ -37,3 +37,31 @@ def test_merged_dense_model_computes_what_nf4_plus_adapter_computes(tiny_model_d
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
     assert not any("lora" in n for n, _ in dense.named_modules())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_script_writes_a_plain_transformers_model(tiny_model_dir, tmp_path):
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(tiny_model_dir.parents[0]))
+    from scripts.merge_adapter import main as merge_main
+
+    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8)).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    bb.save_adapter(model, tmp_path / "adapter")
+    bb.load_tokenizer(str(tiny_model_dir)).save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert merge_main(["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"),
+                       "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    assert getattr(merged.config, "quantization_config", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert merge_main(["--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
