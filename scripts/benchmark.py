@@ -57,6 +57,9 @@ VARIANTS = {
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],
     "padded": ["--data.batch_size", "8", "--data.max_length", "1024", "--trainer.accumulate_grad_batches", "1"],
+    # Peak memory at one length: with --fixed-length L and extra flags "--data.max_tokens L --data.max_length L"
+    # every step is one example of exactly L tokens.
+    "memory": PACKED,
 }
 
 
@@ -136,7 +139,8 @@ def run_variant(name: str, args, ckpt: Path, data: Path, mean_len: float, tmp: P
     t0 = time.time()
     main(["fit", "--config", "configs/llama3-8b-qlora.yaml", "--config", str(cfg), *flags, *args.extra])
     result = json.loads((tmp / "result.json").read_text())
-    return {"name": f"titlegen-{name}-{args.shape}", **result, "wall_s": round(time.time() - t0, 1)}
+    return {"name": f"titlegen-{name}-{args.shape}", **result, "wall_s": round(time.time() - t0, 1),
+            **({"flags": " ".join(args.extra)} if args.extra else {})}
 
 
 def matmul_tflops() -> float:
@@ -165,6 +169,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (fast variant)")
     ap.add_argument("--out", default=None, help="append the JSON lines here too")
+    ap.add_argument("--fixed-length", type=int, default=None,
+                    help="every example this many tokens (32 of title, the rest content) instead of --lengths")
     ap.add_argument("--peak-tflops", type=float, default=None, help="default: measured 8192^3 bf16 matmul rate")
     ap.add_argument("extra", nargs="*", help="more titlegen flags for every variant (after --)")
     args = ap.parse_args()
@@ -175,6 +181,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ckpt = make_checkpoint(args.shape, Path(args.ckpt_dir) / args.shape)
     lengths = json.load(open(args.lengths))
+    if args.fixed_length:
+        lengths = [[32, args.fixed_length - 33]]  # + EOS = fixed_length tokens
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         mean_len = make_data(lengths, SHAPES[args.shape]["vocab_size"], 6000, tmp / "bench.jsonl")

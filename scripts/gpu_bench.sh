@@ -5,6 +5,7 @@
 #   bash scripts/gpu_bench.sh final     # TRL peers (packed, seed notebook) + Unsloth + titlegen, one table
 #   bash scripts/gpu_bench.sh recipe    # TRL with the seed notebook's settings + titlegen with the same recipe
 #   bash scripts/gpu_bench.sh predict   # HF generate peer + titlegen predict (NF4 and merged)
+#   bash scripts/gpu_bench.sh memory    # peak memory at 2048/4096 tokens (Llama-3-8B, Mistral-7B), token budgets
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source .gpu/setup.sh || exit 1
@@ -30,6 +31,13 @@ case "${1:-explore}" in
   recipe)
     peer seed000-trl-llama3-8b
     ours "$VARIANTS" "${OURS_ARGS:-}" ;;
+  memory)
+    for shape in llama3-8b mistral-7b; do for len in 2048 4096; do
+      ours memory "--shape $shape --fixed-length $len --warmup 1 --steps 2 -- --data.max_tokens $len --data.max_length $len"
+    done; done
+    for budget in ${BUDGETS:-16384 24576 32768}; do
+      ours fast "--warmup 1 --steps 3 -- --data.max_tokens $budget"
+    done ;;
   predict)
     python $B/peer_predict.py 2>"$OUT/peer_predict.err" | grep '^{'
     python scripts/benchmark_predict.py --lengths $B/lengths_chars.json --titles 2000 --batch ${BATCH:-512} \

@@ -69,3 +69,13 @@ def test_schedule_warmup_then_decay():
     cos = ScheduleSettings(kind="cosine", warmup_ratio=0.1, min_lr_ratio=0.1)
     assert abs(lr_factor(99, 100, cos) - 0.1) < 1e-3
     assert lr_factor(50, 100, ScheduleSettings(kind="constant", warmup_steps=2)) == 1.0
+
+
+def test_predict_token_budget_batches():
+    from titlegen.predict_input import budget_batches
+
+    items = [(i, [7] * n) for i, n in enumerate([10, 9, 8, 5, 5, 5, 5, 2, 2, 2, 2, 2])]
+    batches = budget_batches(items, rows=4, max_tokens=20)
+    assert [[i for i, _ in b] for b in batches] == [[0, 1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert all(len(b) * len(b[0][1]) <= 20 for b in batches)
+    assert [len(b) for b in budget_batches(items, rows=5, max_tokens=None)] == [5, 5, 2]

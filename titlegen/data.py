@@ -50,6 +50,8 @@ class TitleDataModule(L.LightningDataModule):
             Needs ``model.backbone.attn_implementation: titlegen_varlen``.
         max_tokens: Token budget per training batch (instead of ``batch_size`` examples): rows x longest row
             when padded, the sum of example lengths when packed. Without it a batch is ``batch_size`` examples.
+        predict_max_tokens: Token budget per predict batch, rows x longest prompt (at most ``eval_batch_size``
+            rows): batches of short titles get more rows, batches of long ones fewer.
     """
 
     def __init__(self, path: str = "", predict_path: str | None = None, eval_path: str | None = None,
@@ -59,7 +61,7 @@ class TitleDataModule(L.LightningDataModule):
                  val_fraction: float = 0.05, test_fraction: float = 0.0, group_by_length: bool = True,
                  num_val_samples: int = 4, skip_bad_lines: bool = False, num_workers: int = 0,
                  cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8, packing: bool = False,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, predict_max_tokens: int | None = None) -> None:
         super().__init__()
         if not 0 <= val_fraction + test_fraction < 1:
             raise TitlegenError("data.val_fraction + data.test_fraction must be in [0, 1)")
@@ -71,7 +73,7 @@ class TitleDataModule(L.LightningDataModule):
         self.group_by_length, self.num_val_samples = group_by_length, num_val_samples
         self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
         self.packing = packing
-        self.max_tokens = max_tokens
+        self.max_tokens, self.predict_max_tokens = max_tokens, predict_max_tokens
         self.splits: dict = {}
         self.predict_input: PredictInput | None = None
         self.predict_skip: set[int] = set()  # rows a resumed predict already has
@@ -170,7 +172,8 @@ class TitleDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         assert self.predict_input is not None
-        return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip)
+        return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip,
+                                         max_tokens=self.predict_max_tokens)
 
     # ---- evaluate ------------------------------------------------------------------------------------------
     def eval_rows(self) -> list[dict]:

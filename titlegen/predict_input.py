@@ -28,13 +28,15 @@ class PredictInput:
     rows: list[dict[str, str]]
     titles: list[str]
 
-    def loader(self, encoder: Encoder, batch_size: int, skip: Collection[int] = ()) -> DataLoader:
+    def loader(self, encoder: Encoder, batch_size: int, skip: Collection[int] = (),
+               max_tokens: int | None = None) -> DataLoader:
         """Batches of left-padded prompts, longest first (similar lengths share a batch; an out-of-memory
-        error shows up at once). Rows with an empty title and rows in ``skip`` get no batch."""
+        error shows up at once), of at most ``batch_size`` rows and, with ``max_tokens``, at most that many
+        rows x longest prompt. Rows with an empty title and rows in ``skip`` get no batch."""
         todo = [i for i, t in enumerate(self.titles) if t and i not in skip]
         prompts = encoder.prompt_ids([self.titles[i] for i in todo]) if todo else []
         items = sorted(zip(todo, prompts), key=lambda item: -len(item[1]))
-        batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        batches = budget_batches(items, batch_size, max_tokens)
 
         def collate(batch: list[tuple[int, list[int]]]) -> dict:
             out = collate_prompts([p for _, p in batch], encoder.pad_id)
@@ -42,6 +44,18 @@ class PredictInput:
             return out
 
         return DataLoader(batches, batch_size=None, collate_fn=collate)
+
+
+def budget_batches(items: list[tuple[int, list[int]]], rows: int, max_tokens: int | None) -> list[list]:
+    """Cut longest-first ``items`` into batches; the first item of a batch is its longest."""
+    batches: list[list] = []
+    for item in items:
+        if batches and len(batches[-1]) < rows and (
+                max_tokens is None or (len(batches[-1]) + 1) * len(batches[-1][0][1]) <= max_tokens):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
 
 
 def read_predict_csv(path: str | Path) -> PredictInput:
