@@ -57,6 +57,10 @@ VARIANTS = {
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],
     "padded": ["--data.batch_size", "8", "--data.max_length", "1024", "--trainer.accumulate_grad_batches", "1"],
+    "recipe-ck50": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
+                             "--model.backbone.checkpoint_fraction", "0.5"],
+    "recipe-ck25": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
+                             "--model.backbone.checkpoint_fraction", "0.25"],
     # Peak memory at one length: with --fixed-length L and extra flags "--data.max_tokens L --data.max_length L"
     # every step is one example of exactly L tokens.
     "memory": PACKED,

@@ -132,3 +132,12 @@ def test_missing_model_directory_is_one_clear_line(tmp_path):
     with pytest.raises(TitlegenError, match="fetch_quickstart_model"):
         bb.check_model_path("checkpoints/base/SmolLM2-135M-Instruct-missing")
     bb.check_model_path("meta-llama/Meta-Llama-3-8B")  # a Hub name is left to transformers
+
+
+def test_checkpoint_fraction_keeps_recomputation_on_the_first_layers(tiny_model_dir):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), quantization="none", checkpoint_fraction=0.5)
+    model = bb.load_base_model(cfg, torch.device("cpu"))
+    flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert flags == [True, False]

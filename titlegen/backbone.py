@@ -32,6 +32,8 @@ class BackboneConfig:
         attn_implementation: ``sdpa`` (default), ``titlegen_varlen`` (needed by ``data.packing``: PyTorch's
             variable-length flash attention on CUDA, exact per-example attention elsewhere), ``eager``, ...
         gradient_checkpointing: Recompute activations in the backward pass (much less memory, ~1/3 more compute).
+        checkpoint_fraction: Share of the decoder layers that recompute (the first ones); the rest keep their
+            activations. Between 0 and 1 it trades memory for speed where all-or-nothing does not fit.
         liger_kernel: Swap in Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (GPU; needs
             ``liger-kernel``).
     """
@@ -42,6 +44,7 @@ class BackboneConfig:
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
+    checkpoint_fraction: float = 1.0
     liger_kernel: bool = False
 
 
@@ -125,8 +128,22 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings, so no enable_input_require_grads hack.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        limit_checkpointing(model, cfg.checkpoint_fraction)
     model.config.use_cache = not cfg.gradient_checkpointing
     return model
+
+
+def limit_checkpointing(model: torch.nn.Module, fraction: float) -> int:
+    """Keep recomputation on the first ``fraction`` of the decoder layers only; returns how many recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"model.backbone.checkpoint_fraction must be in [0, 1], got {fraction}")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = round(fraction * len(layers))
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
+    return keep
 
 
 def apply_liger(model: torch.nn.Module) -> None:
