@@ -33,14 +33,16 @@ case "${1:-explore}" in
     ours "$VARIANTS" "${OURS_ARGS:-}" ;;
   memory)
     for shape in llama3-8b mistral-7b; do for len in 2048 4096; do
-      ours memory "--shape $shape --fixed-length $len --warmup 1 --steps 2 -- --data.max_tokens $len --data.max_length $len"
+      ours memory "--shape $shape --fixed-length $len --warmup 1 --steps 2 -- --data.max_tokens $len --data.max_length $len --model.backbone.checkpoint_fraction 1.0"
     done; done
     for budget in ${BUDGETS:-16384 24576 32768}; do
-      ours fast "--warmup 1 --steps 3 -- --data.max_tokens $budget"
+      ours fast "--warmup 1 --steps 3 -- --data.max_tokens $budget --model.backbone.checkpoint_fraction 1.0"
     done ;;
   predict)
     python $B/peer_predict.py 2>"$OUT/peer_predict.err" | grep '^{'
     python scripts/benchmark_predict.py --lengths $B/lengths_chars.json --titles 2000 --batch ${BATCH:-512} \
       --variants ${PVARIANTS:-nf4,merged} 2>"$OUT/predict.err" | grep '^{' ;;
+  profile-predict)
+    python scripts/profile_predict.py --batch ${BATCH:-1024} 2>"$OUT/profile.err" | grep -v Warning | tail -45 ;;
 esac
 tail -3 "$OUT"/*.err 2>/dev/null | grep -iE "error|Traceback" | head -5
