@@ -42,7 +42,7 @@ SHAPES = {  # the same shapes (and seed) as the peer benchmark, so both load one
 
 PACKED = ["--data.packing", "true", "--model.backbone.attn_implementation", "titlegen_varlen",
           "--trainer.accumulate_grad_batches", "1", "--model.loss_chunk_tokens", "512"]
-FAST = PACKED + ["--data.max_tokens", "8192", "--data.max_length", "1024"]
+FAST = PACKED + ["--data.max_tokens", "8192", "--data.max_length", "1024", "--model.backbone.checkpoint_fraction", "1.0"]
 LIGER = ["--model.backbone.liger_kernel", "true"]
 # name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4)
 VARIANTS = {
