@@ -43,6 +43,6 @@ case "${1:-explore}" in
     python scripts/benchmark_predict.py --lengths $B/lengths_chars.json --titles 2000 --batch ${BATCH:-512} \
       --variants ${PVARIANTS:-nf4,merged} 2>"$OUT/predict.err" | grep '^{' ;;
   profile-predict)
-    python scripts/profile_predict.py --batch ${BATCH:-1024} 2>"$OUT/profile.err" | grep -v Warning | tail -45 ;;
+    python scripts/profile_predict.py --batch ${BATCH:-1024} ${PROFILE_ARGS:-} 2>"$OUT/profile.err" | grep -v Warning | tail -45 ;;
 esac
 tail -3 "$OUT"/*.err 2>/dev/null | grep -iE "error|Traceback" | head -5

@@ -25,6 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--merged", action="store_true")
+    ap.add_argument("--prompt-len", type=int, default=0, help="every prompt this long (default: 50-89 tokens); "
+                    "short prompts leave the decode steps alone in the profile")
     ap.add_argument("--ckpt", default="/tmp/peer_ckpt/llama3-8b")
     args = ap.parse_args()
     ckpt = str(make_checkpoint("llama3-8b", Path(args.ckpt)))
@@ -34,8 +36,8 @@ def main() -> None:
         model = bb.merge_into_dense(model, torch.bfloat16).eval()
     tok = bb.load_tokenizer(ckpt)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, 128000, (int(n),), generator=g).tolist()
-               for n in torch.randint(50, 90, (args.batch,), generator=g)]
+    sizes = [args.prompt_len] * args.batch if args.prompt_len else torch.randint(50, 90, (args.batch,), generator=g)
+    prompts = [torch.randint(10, 128000, (int(n),), generator=g).tolist() for n in sizes]
     batch = {k: v.cuda() for k, v in collate_prompts(prompts, tok.pad_token_id).items()}
 
     def run(new: int) -> float:
@@ -55,8 +57,8 @@ def main() -> None:
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         run(9)
     events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=14), flush=True)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=14), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=16), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
 
 
 if __name__ == "__main__":

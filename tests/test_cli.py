@@ -214,3 +214,21 @@ def test_ddp_two_processes_on_cpu(setup):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert sorted(scalars(run_dir, "train/loss")) == [0, 1]
+
+
+def test_validate_reports_generation_metrics(setup):
+    import json
+
+    tmp, cfg = setup
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
+    assert not list(tmp.rglob("val_generation"))  # fit validations stay fast: loss and samples only
+    assert run("validate", "--config", str(cfg), "--model.generation.max_new_tokens", "6") == 0
+    [report_dir] = list(tmp.rglob("val_generation"))
+    report = json.loads((report_dir / "report.json").read_text())
+    rows = list(csv.DictReader((report_dir / "generations.csv").open(encoding="utf-8")))
+    assert report["rows"] == len(rows) > 0
+    assert report["eos_stop_rate"] == sum(r["stopped"] == "True" for r in rows) / len(rows)
+    for key in ("rougeL", "bleu", "chrf", "distinct_2", "length_ratio", "loop_rate", "val/loss", "val/ppl"):
+        assert key in report
+    logged = scalars(report_dir.parent, "val/gen/rougeL")
+    assert list(logged.values()) == pytest.approx([report["rougeL"]])

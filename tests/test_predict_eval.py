@@ -103,3 +103,24 @@ def test_loop_detection_and_bootstrap():
     assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
     better = paired_bootstrap([0.1] * 50, [0.2] * 50)
     assert better["low"] == pytest.approx(0.1) and better["high"] == pytest.approx(0.1)
+
+
+def test_progress_bar_shows_titles_per_second():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from titlegen.writer import show_rate
+
+    from rich.progress import Progress
+
+    rich = RichProgressBar()
+    rich.progress = Progress(disable=True)
+    rich.predict_progress_bar_id = rich.progress.add_task("Predicting", total=3)
+    show_rate(SimpleNamespace(progress_bar_callback=rich), 64, 12.5)
+    assert rich.progress.tasks[0].description == "Predicting (64 titles, 12.50 titles/s)"
+
+    tqdm_bar = TQDMProgressBar()
+    tqdm_bar.predict_progress_bar = tqdm_bar.init_predict_tqdm()
+    show_rate(SimpleNamespace(progress_bar_callback=tqdm_bar), 64, 12.5)
+    assert "12.50 titles/s" in tqdm_bar.predict_progress_bar.postfix

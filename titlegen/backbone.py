@@ -133,6 +133,13 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     return model
 
 
+def cast_adapter(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the LoRA tensors (inference only: training keeps them in fp32 for the optimizer)."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+
+
 def limit_checkpointing(model: torch.nn.Module, fraction: float) -> int:
     """Keep recomputation on the first ``fraction`` of the decoder layers only; returns how many recompute."""
     from transformers.modeling_layers import GradientCheckpointingLayer

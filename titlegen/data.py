@@ -194,14 +194,23 @@ class TitleDataModule(L.LightningDataModule):
 
     def eval_loaders(self, rows: list[dict]) -> tuple[DataLoader, DataLoader]:
         """Left-padded prompts for generation, and encoded (prompt, reference) pairs for loss/perplexity."""
-        gen = PredictInput(Path(self.eval_path or self.path), ["title", "content"], rows, [r["title"] for r in rows])
         encoded = [e for e in self.encoder.encode([r["title"] for r in rows], [r["content"] for r in rows]) if e]
         examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
         sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], self.eval_batch_size,
                                             shuffle=False)
         loss = DataLoader(examples, batch_sampler=sampler,
                           collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
-        return gen.loader(self.encoder, self.eval_batch_size), loss
+        return self.generation_loader(rows), loss
+
+    def split_rows(self, name: str) -> list[dict]:
+        """(title, content) rows of a processed split, in split order."""
+        split = self.splits.get(name)
+        return [] if split is None else [{"title": t, "content": c} for t, c in zip(split["title"], split["content"])]
+
+    def generation_loader(self, rows: list[dict]) -> DataLoader:
+        """Left-padded prompt batches of ``rows`` (each batch's ``row`` holds the row indices)."""
+        gen = PredictInput(Path(self.eval_path or self.path), ["title", "content"], rows, [r["title"] for r in rows])
+        return gen.loader(self.encoder, self.eval_batch_size, max_tokens=self.predict_max_tokens)
 
     # ---- generation samples --------------------------------------------------------------------------------
     def sample_rows(self) -> list[dict]:

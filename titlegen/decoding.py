@@ -20,10 +20,12 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_NAME = "titlegen_decode"
 CHECK_EVERY = 8  # steps between host checks for finished rows (each check is a device sync)
 COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
+DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlotCache:
@@ -72,7 +74,10 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout=
         # One new token: the G query heads of a K/V group become G "positions" of that group, so SDPA reads each
         # cached K/V head once instead of a G-times repeated copy.
         q = query.reshape(b, kv_heads, heads // kv_heads, d)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+        # Memory-efficient attention takes the mask as is; cuDNN's (PyTorch's first pick on Hopper) would plan
+        # anew for every cache length, milliseconds of host time per layer per step.
+        with sdpa_kernel(DECODE_BACKENDS):
+            out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
         return out.reshape(b, heads, 1, d).transpose(1, 2), None
     if heads != kv_heads:
         key = key.repeat_interleave(heads // kv_heads, dim=1)

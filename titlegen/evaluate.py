@@ -49,6 +49,7 @@ def run_evaluation(trainer: L.Trainer, model, dm, ckpt_path: str | None, report_
     rows = dm.eval_rows()
     gen_loader, loss_loader = dm.eval_loaders(rows)
     results = {}
+    model.eval_generation = "off"  # the validate calls below are for the loss only; generation happens here
     for name, adapter_on in SYSTEMS.items():
         model.use_adapter = adapter_on
         outputs = trainer.predict(model, dataloaders=gen_loader, ckpt_path=ckpt_path, return_predictions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Literal
 from functools import partial
 
 import lightning as L
@@ -14,6 +15,7 @@ from torchmetrics.aggregation import SumMetric
 from titlegen import backbone as bb
 from titlegen.errors import TitlegenError
 from titlegen.generation import GenerationSettings, generate
+from titlegen.split_metrics import split_generation_metrics, wanted
 from titlegen.loss import response_loss
 from titlegen.packing import ATTENTION_NAME, packed_forward_kwargs
 from titlegen.schedule import ScheduleSettings, build_scheduler
@@ -31,6 +33,9 @@ class TitleGenModule(L.LightningModule):
         generation: Decoding settings for validation samples and predict.
         adapter_path: An exported adapter directory to start from (predict/validate/test); frozen.
         loss_chunk_tokens: Response tokens per chunk of the output head in the loss (memory vs. speed).
+        eval_generation: Generation metrics of the validation/test split (ROUGE, BLEU, chrF, EOS-stop rate, ...,
+            to TensorBoard and a report in the run directory): ``standalone`` in the validate/test commands,
+            ``always`` at every validation during fit too (slow), ``off`` never.
         merge_for_predict: In ``predict``, dequantize the 4-bit base once and fold the adapter into it
             (bf16 on GPU): the same function without per-step dequantization, for ~3x the memory of NF4.
     """
@@ -38,14 +43,15 @@ class TitleGenModule(L.LightningModule):
     def __init__(self, backbone: bb.BackboneConfig, lora: bb.LoraSettings | None = None,
                  optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings | None = None,
                  generation: GenerationSettings | None = None, adapter_path: str | None = None,
-                 loss_chunk_tokens: int = 1024, merge_for_predict: bool = False) -> None:
+                 loss_chunk_tokens: int = 1024, merge_for_predict: bool = False,
+                 eval_generation: Literal["standalone", "always", "off"] = "standalone") -> None:
         super().__init__()
         self.backbone_cfg, self.lora = backbone, lora or bb.LoraSettings()
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
         self.schedule = scheduler or ScheduleSettings()
         self.generation = generation or GenerationSettings()
         self.adapter_path, self.loss_chunk_tokens = adapter_path, loss_chunk_tokens
-        self.merge_for_predict = merge_for_predict
+        self.merge_for_predict, self.eval_generation = merge_for_predict, eval_generation
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.use_adapter = True  # evaluate switches it off to score the untuned base with the same weights
@@ -73,6 +79,10 @@ class TitleGenModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         # After any checkpoint restore, so the adapter weights being merged are the trained ones.
+        if self.device.type == "cuda" and not self.merge_for_predict:
+            # bf16 adapter weights: PEFT would otherwise cast every layer input up to fp32 (and autocast back)
+            # at every decoding step; the matmuls run in bf16 under autocast either way.
+            bb.cast_adapter(self.model, torch.bfloat16)
         if self.merge_for_predict and hasattr(self.model, "get_base_model"):
             dtype = torch.bfloat16 if self.device.type == "cuda" else None
             self.model = bb.merge_into_dense(self.model, dtype=dtype).eval()
@@ -158,6 +168,8 @@ class TitleGenModule(L.LightningModule):
             return
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=False)
+        if wanted(self.eval_generation, self.trainer.state.fn.value):
+            split_generation_metrics(self, split, metrics)
         if split == "val":
             self.log_samples(step=self.global_step)
 

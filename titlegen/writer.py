@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -35,6 +36,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         self.output, self.fingerprint = Path(output), fingerprint
         self.done: dict[int, dict] = {}
         self._journal = None
+        self._started, self._titles = 0.0, 0
 
     def _header(self, dm) -> dict:
         src = dm.predict_input.path
@@ -57,6 +59,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._journal = path.open("w" if fresh else "a", encoding="utf-8")
         if fresh:
             self._append(header)
+        self._started, self._titles = time.perf_counter(), 0
 
     @staticmethod
     def _read_journal(path: Path, header: dict) -> dict[int, dict]:
@@ -87,6 +90,8 @@ class CSVPredictionWriter(BasePredictionWriter):
             item = {"row": row, "description": out.text, "stopped": out.stopped, "tokens": out.num_tokens}
             self.done[row] = item
             self._append(item)
+        self._titles += len(prediction["row"])
+        show_rate(trainer, self._titles, self._titles / max(time.perf_counter() - self._started, 1e-9))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._journal.close()
@@ -96,8 +101,21 @@ class CSVPredictionWriter(BasePredictionWriter):
         write_csv(self.output, predict_input.header, predict_input.rows, self.done)
         journal_path(self.output).unlink(missing_ok=True)
         stopped = sum(1 for d in self.done.values() if d["stopped"])
+        rate = self._titles / max(time.perf_counter() - self._started, 1e-9)
         pl_module.print(f"predictions: {self.output} ({len(predict_input.rows)} rows; "
-                        f"{stopped}/{len(self.done)} descriptions ended with EOS)")
+                        f"{stopped}/{len(self.done)} descriptions ended with EOS; {rate:.2f} titles/s)")
+
+
+def show_rate(trainer: L.Trainer, titles: int, rate: float) -> None:
+    """Put titles/s on the predict progress bar (Lightning's counts batches)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bar = trainer.progress_bar_callback
+    text = f"{titles} titles, {rate:.2f} titles/s"
+    if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.predict_progress_bar_id is not None:
+        bar.progress.update(bar.predict_progress_bar_id, description=f"Predicting ({text})")
+    elif isinstance(bar, TQDMProgressBar) and bar._predict_progress_bar is not None:
+        bar.predict_progress_bar.set_postfix_str(text, refresh=False)
 
 
 def write_csv(output: Path, header: list[str], rows: list[dict], done: dict[int, dict]) -> None:
