@@ -93,6 +93,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def lora_model(model_dir: Path, quantization: str = "nf4", std: float = 0.05) -> torch.nn.Module:
+    """The tiny model with a LoRA adapter (r=4) whose B matrices are non-zero, so the adapter changes outputs."""
+    from titlegen import backbone as bb
+
+    cfg = bb.BackboneConfig(name_or_path=str(model_dir), gradient_checkpointing=False, quantization=quantization)
+    torch.manual_seed(0)
+    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8)).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

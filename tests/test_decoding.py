@@ -4,20 +4,14 @@ rows finishing at different steps (and leaving the batch), the repetition rules,
 import pytest
 import torch
 
-from titlegen import backbone as bb
 from titlegen import decoding
 from titlegen.generation import GenerationSettings, NoRepeatNGram
 
+from .conftest import lora_model
+
 
 def _model(tiny_model_dir, nf4: bool):
-    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False,
-                            quantization="nf4" if nf4 else "none")
-    torch.manual_seed(0)
-    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8)).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
+    return lora_model(tiny_model_dir, "nf4" if nf4 else "none")
 
 
 def _prompts(model, rows: int = 7, seed: int = 0):

@@ -6,6 +6,8 @@ import torch
 from titlegen import backbone as bb
 from titlegen.generation import NoRepeatNGram
 
+from .conftest import lora_model
+
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_no_repeat_ngram_equals_transformers(n):
@@ -23,12 +25,7 @@ def test_no_repeat_ngram_equals_transformers(n):
 def test_merged_dense_model_computes_what_nf4_plus_adapter_computes(tiny_model_dir):
     import bitsandbytes as bnb
 
-    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False)
-    torch.manual_seed(0)
-    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8)).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = lora_model(tiny_model_dir)
     ids = torch.randint(4, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -47,12 +44,7 @@ def test_merge_script_writes_a_plain_transformers_model(tiny_model_dir, tmp_path
     sys.path.insert(0, str(tiny_model_dir.parents[0]))
     from scripts.merge_adapter import main as merge_main
 
-    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False)
-    torch.manual_seed(0)
-    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8)).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = lora_model(tiny_model_dir)
     bb.save_adapter(model, tmp_path / "adapter")
     bb.load_tokenizer(str(tiny_model_dir)).save_pretrained(str(tmp_path / "adapter"))
     ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))

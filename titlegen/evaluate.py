@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 
 from titlegen.errors import TitlegenError
 from titlegen.metrics import paired_bootstrap, quality_report
+from titlegen.writer import atomic_write
 
 SYSTEMS = {"base": False, "fine-tuned": True}  # name -> adapter on
 SHOWN = ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "eos_stop_rate", "loop_rate", "distinct_2", "length_ratio",
@@ -86,16 +85,17 @@ def build_report(rows: list[dict], results: dict, generation) -> dict:
 
 def write_report(target: Path, report: dict, rows: list[dict], results: dict, num_examples: int) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target / "report.json", json.dumps(report, indent=1, ensure_ascii=False))
-    _atomic_write(target / "report.md", markdown(report, rows, results, num_examples))
-    fd, tmp = tempfile.mkstemp(dir=target, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+    atomic_write(target / "report.json", lambda fh: fh.write(json.dumps(report, indent=1, ensure_ascii=False)))
+    atomic_write(target / "report.md", lambda fh: fh.write(markdown(report, rows, results, num_examples)))
+
+    def table(fh) -> None:
         writer = csv.writer(fh)
         writer.writerow(["title", "reference", *(f"{n}{suffix}" for n in SYSTEMS for suffix in ("", "_stopped"))])
         for i, row in enumerate(rows):
             cells = [x for n in SYSTEMS for x in (results[n]["outputs"][i].text, results[n]["outputs"][i].stopped)]
             writer.writerow([row["title"], row["content"], *cells])
-    os.replace(tmp, target / "generations.csv")
+
+    atomic_write(target / "generations.csv", table)
 
 
 def markdown(report: dict, rows: list[dict], results: dict, num_examples: int) -> str:
@@ -120,10 +120,3 @@ def print_summary(report: dict, target: Path) -> None:
         print(f"{key:<14}" + "".join(f"{report['systems'][n][key]:>12.4f}" for n in names))
     d = report["rougeL_finetuned_minus_base"]
     print(f"ROUGE-L gain {d['mean']:+.4f}  95% CI [{d['low']:+.4f}, {d['high']:+.4f}]\nreport: {target}/report.md")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

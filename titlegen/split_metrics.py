@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from titlegen.generation import generate
 from titlegen.metrics import quality_report
+from titlegen.writer import atomic_write
 
 LOGGED = ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "eos_stop_rate", "loop_rate", "distinct_2", "length_ratio")
 
@@ -59,20 +58,12 @@ def write_split_report(target: Path, split: str, report: dict, rows: list[dict],
     for row, out in list(zip(rows, outs))[:8]:
         lines += [f"### {row['title']}", "", f"- **reference**: {row['content'][:700]}",
                   f"- **generated**: {out.text[:700]}", ""]
-    _atomic(target / "report.json", lambda fh: fh.write(json.dumps(report, indent=1, ensure_ascii=False)))
-    _atomic(target / "report.md", lambda fh: fh.write("\n".join(lines) + "\n"))
+    atomic_write(target / "report.json", lambda fh: fh.write(json.dumps(report, indent=1, ensure_ascii=False)))
+    atomic_write(target / "report.md", lambda fh: fh.write("\n".join(lines) + "\n"))
 
     def table(fh) -> None:
         writer = csv.writer(fh)
         writer.writerow(["title", "reference", "generated", "stopped"])
         writer.writerows([r["title"], r["content"], o.text, o.stopped] for r, o in zip(rows, outs))
 
-    _atomic(target / "generations.csv", table)
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temp file and rename: a crash never leaves a half-written report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    atomic_write(target / "generations.csv", table)

@@ -121,14 +121,24 @@ def show_rate(trainer: L.Trainer, titles: int, rate: float) -> None:
 def write_csv(output: Path, header: list[str], rows: list[dict], done: dict[int, dict]) -> None:
     """All input columns plus ``description``, in input order; rows never generated (empty title) get ''."""
     fields = header + ([] if "description" in header else ["description"])
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+
+    def table(fh) -> None:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            writer.writerow({**row, "description": done.get(i, {}).get("description", "")})
+
+    atomic_write(output, table)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, then rename it over ``path``: readers see the old
+    file or the whole new one, never a half-written one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            for i, row in enumerate(rows):
-                writer.writerow({**row, "description": done.get(i, {}).get("description", "")})
-        os.replace(tmp, output)
+            write(fh)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
