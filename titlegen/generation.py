@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -36,7 +37,7 @@ class GenerationSettings:
     top_k: int = 0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 3
-    engine: str = "auto"
+    engine: Literal["auto", "titlegen", "hf"] = "auto"
 
     def __post_init__(self) -> None:
         if self.engine not in ("auto", "titlegen", "hf"):
