@@ -25,7 +25,8 @@ one() {
   for e in "${sets[@]}"; do
     # shellcheck disable=SC2086
     python -m titlegen evaluate --config configs/quickstart.yaml $fitargs --ckpt_path "$run/version_0/adapter" \
-      --data.path "$TRAIN" ${EVAL:+--data.eval_path "$EVAL"} --trainer.enable_progress_bar false ${EVAL_ARGS:-} $e --report_dir "$run/eval$i" \
+      --data.path "$TRAIN" ${EVAL:+--data.eval_path "$EVAL"} --trainer.enable_progress_bar false ${EVAL_ARGS:-} $e \
+      --report_dir "$run/eval$i" \
       > "$run/eval$i.log" 2>&1 || echo "{\"name\": \"$name\", \"error\": \"evaluate failed, see $run/eval$i.log\"}"
     i=$((i + 1))
   done
