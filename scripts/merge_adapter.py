@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from titlegen import backbone as bb
+    from titlegen.model import backbone as bb
     from titlegen.errors import TitlegenError
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -95,7 +95,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def lora_model(model_dir: Path, quantization: str = "nf4", std: float = 0.05) -> torch.nn.Module:
     """The tiny model with a LoRA adapter (r=4) whose B matrices are non-zero, so the adapter changes outputs."""
-    from titlegen import backbone as bb
+    from titlegen.model import backbone as bb
 
     cfg = bb.BackboneConfig(name_or_path=str(model_dir), gradient_checkpointing=False, quantization=quantization)
     torch.manual_seed(0)

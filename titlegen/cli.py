@@ -15,13 +15,13 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from titlegen.callbacks import AdapterExport, ThroughputLogger
-from titlegen.data import TitleDataModule
+from titlegen.model.callbacks import AdapterExport, ThroughputLogger
+from titlegen.data.datamodule import TitleDataModule
 from titlegen.errors import TitlegenError
-from titlegen.evaluate import TitlegenTrainer
-from titlegen.module import TitleGenModule
+from titlegen.eval.compare import TitlegenTrainer
+from titlegen.model.module import TitleGenModule
 from titlegen.quiet import quiet_third_party
-from titlegen.writer import CSVPredictionWriter
+from titlegen.generate.writer import CSVPredictionWriter
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "evaluate")

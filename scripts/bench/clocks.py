@@ -1,0 +1,97 @@
+"""A callback for scripts/benchmark.py: times optimizer steps after warm-up and writes one JSON result."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from titlegen.model.backbone import count_parameters
+from titlegen.model.callbacks import non_padding_tokens
+
+
+class BenchClock(L.Callback):
+    """Times steps ``warmup+1 ..`` (synchronized), counts non-padding and padded tokens, peak GPU memory.
+
+    Args:
+        result_file: Where the JSON result goes.
+        warmup: Steps left out of the timing (allocation, autotuning, first-batch effects).
+        peak_tflops: The GPU's bf16 matmul rate, for MFU (6N FLOP per token: forward, recompute, input grads).
+        profile: Print the top CUDA kernels of one warm-up step.
+    """
+
+    def __init__(self, result_file: str, warmup: int = 4, peak_tflops: float = 800.0, profile: bool = False) -> None:
+        self.result_file, self.warmup, self.peak, self.profile = Path(result_file), warmup, peak_tflops, profile
+        self.marks: list[tuple[float, int, int]] = []
+        self.tokens = self.padded = 0
+        self._prof = None
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # A warm-up step: profiling slows the step it watches, so it must stay out of the timed window.
+        if self.profile and batch_idx == max(0, self.warmup - 2) and self._prof is None:
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                            torch.profiler.ProfilerActivity.CUDA])
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += non_padding_tokens(batch)
+        self.padded += batch["input_ids"].numel()
+        self._sync()
+        self.marks.append((time.perf_counter(), self.tokens, self.padded))
+        if self._prof is not None and batch_idx == max(0, self.warmup - 2):
+            self._prof.__exit__(None, None, None)
+            print(self._prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (t0, k0, p0), (t1, k1, p1) = self.marks[self.warmup - 1], self.marks[-1]
+        seconds = t1 - t0
+        n_params = count_parameters(pl_module.model)[1]
+        tok_s = (k1 - k0) / seconds
+        result = {
+            "steps_timed": len(self.marks) - self.warmup,
+            "s_per_step": round(seconds / (len(self.marks) - self.warmup), 3),
+            "tokens_per_step": round((k1 - k0) / (len(self.marks) - self.warmup)),
+            "tok_per_s": round(tok_s, 1),
+            "padded_tok_per_s": round((p1 - p0) / seconds, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "mfu": round(tok_s * 6 * n_params / (self.peak * 1e12), 4),
+            "n_params": n_params,
+            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        }
+        self.result_file.write_text(json.dumps(result))
+
+
+class PredictClock(L.Callback):
+    """Times the predict loop (after model load and any merge), synchronized; writes titles/s and peak memory."""
+
+    def __init__(self, result_file: str) -> None:
+        self.result_file = Path(result_file)
+        self.rows = self.new_tokens = 0
+        self.t0 = 0.0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.rows += len(outputs["row"])
+        self.new_tokens += sum(o.num_tokens for o in outputs["outputs"])
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.t0
+        self.result_file.write_text(json.dumps({
+            "titles": self.rows, "s": round(seconds, 2), "titles_per_s": round(self.rows / seconds, 2),
+            "gen_tok_per_s": round(self.new_tokens / seconds, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        }))

@@ -1,0 +1,234 @@
+"""The real CLI on a tiny 2-layer Llama in NF4 on CPU: fit -> checkpoint -> resume -> predict, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from titlegen.cli import main
+
+from ..conftest import FIXTURE_ROWS, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(tmp: Path, model_dir: Path, data: Path, **data_overrides) -> Path:
+    """A config over base.yaml: tiny model, fixture data, short run, everything under ``tmp``."""
+    cfg = {
+        "trainer": {"max_steps": 6, "max_epochs": 10, "val_check_interval": 3, "check_val_every_n_epoch": None,
+                    "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp / "runs")},
+        "model": {"backbone": {"name_or_path": str(model_dir), "gradient_checkpointing": False},
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+                  "optimizer": {"class_path": "bitsandbytes.optim.AdamW8bit",
+                                "init_args": {"lr": 5e-3, "min_8bit_size": 16}},
+                  "generation": {"max_new_tokens": 6}},
+        "data": {"path": str(data), "batch_size": 4, "val_fraction": 0.25, "num_val_samples": 2,
+                 "cache_dir": str(tmp / "cache"), "prompt": {"template": "### Instruction: Describe the title. "
+                                                                         "{title} ### Response:"},
+                 **data_overrides},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+class CrashAt(L.Callback):
+    """Kills a run the hard way (an exception mid-training) when it is about to start step ``step + 1``."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def run(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS)
+    return tmp_path, tiny_config(tmp_path, tiny_model_dir, data)
+
+
+def test_fit_resume_predict(setup):
+    tmp, cfg = setup
+    # Uninterrupted: 6 steps in one go.
+    assert run("fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp / "full")) == 0
+    full = tmp / "full" / "version_0"
+    # The same run killed after step 3 (its checkpoint), then resumed from that checkpoint.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.e2e.test_cli.CrashAt")
+    part = tmp / "runs" / "version_0"
+    ckpt = part / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 3
+    assert state["state_dict"] and all(".lora_" in k for k in state["state_dict"])  # adapter tensors only
+    assert run("fit", "--config", str(cfg), "--ckpt_path", str(ckpt)) == 0
+    assert not (tmp / "runs" / "version_1").exists()  # the resumed run continues in its own directory
+
+    expected, resumed = scalars(full, "train/loss"), scalars(part, "train/loss")
+    assert sorted(expected) == sorted(resumed) == [0, 1, 2, 3, 4, 5]
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+    assert torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+    # TensorBoard holds the curves and the text samples, with the untuned baseline at step 0.
+    # (Lightning logs at the count of finished steps before the current one: steps 3 and 6 land on 2 and 5.)
+    val = scalars(full, "val/loss")
+    assert sorted(val) == [0, 2, 5] and set(scalars(full, "val/ppl")) == set(val)
+    assert val[5] < val[0]
+    assert any("text_summary" in t for t in _tensor_tags(full))
+
+    # The exported adapter loads with plain PEFT and carries prompt, tokenizer and config.
+    adapter = full / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "prompt.yaml", "tokenizer.json", "config.yaml"):
+        assert (adapter / name).is_file(), name
+
+    titles = tmp / "titles.csv"
+    titles.write_text('sku,title,note\n1,"Mug, ""Camp"" 12 oz",a\n2,,b\n3,"Café\nTable",c\n4,Wool Socks,d\n',
+                      encoding="utf-8")
+    for source in (str(full / "checkpoints" / "last.ckpt"), str(adapter)):
+        out = tmp / "out.csv"
+        assert run("predict", "--config", str(cfg), "--ckpt_path", source, "--data.predict_path", str(titles),
+                   "--output", str(out)) == 0
+        rows = list(csv.DictReader(out.open(encoding="utf-8")))
+        assert [r["sku"] for r in rows] == ["1", "2", "3", "4"]
+        assert rows[0]["title"] == 'Mug, "Camp" 12 oz' and rows[2]["title"] == "Café\nTable"
+        assert [r["note"] for r in rows] == ["a", "b", "c", "d"]
+        assert rows[1]["description"] == "" and all(rows[i]["description"] for i in (0, 2, 3))
+        assert not list(tmp.glob("out.csv.*"))  # no journal or temp file left behind
+
+
+def _tensor_tags(run_dir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = []
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags += acc.Tags()["tensors"]
+    return tags
+
+
+def test_second_run_uses_the_cache(setup, caplog):
+    tmp, cfg = setup
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
+    caplog.clear()
+    assert run("validate", "--config", str(cfg)) == 0
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "using cached splits" in messages and "cleaning and tokenizing" not in messages
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("missing.json", None, "missing.json: file not found"),
+        ("empty.json", b"", "empty.json: empty file"),
+        ("broken.json", b'{"title": "a", "content": "b"}\n{"title": \n', "broken.json:2: not valid JSON"),
+        ("latin1.json", '{"title": "caf\u00e9", "content": "x"}\n'.encode("latin-1"), "latin1.json:1: not UTF-8"),
+    ],
+)
+def test_bad_training_file_is_one_line_and_exit_2(setup, capsys, name, content, expected):
+    tmp, cfg = setup
+    bad = tmp / name
+    if content is not None:
+        bad.write_bytes(content)
+    assert run("fit", "--config", str(cfg), "--data.path", str(bad)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("titlegen: error: ") and expected in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_predict_csv_without_title_column(setup, capsys):
+    tmp, cfg = setup
+    bad = tmp / "names.csv"
+    bad.write_text("sku,name\n1,Mug\n")
+    assert run("predict", "--config", str(cfg), "--data.predict_path", str(bad), "--output", str(tmp / "o.csv")) == 2
+    assert "names.csv:1: CSV header lacks column(s) 'title'" in capsys.readouterr().err
+    assert not (tmp / "o.csv").exists()
+
+
+def test_skip_bad_lines_reports_and_trains(setup, caplog):
+    tmp, cfg = setup
+    data = tmp / "mixed.json"
+    data.write_bytes(write_jsonl(tmp / "ok.json", FIXTURE_ROWS).read_bytes() + b"{not json\n")
+    assert run("fit", "--config", str(cfg), "--data.path", str(data), "--data.skip_bad_lines", "true",
+               "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped bad line" in text and "mixed.json:25" in text and "skipped bad lines 1" in text
+
+
+def test_real_process_prints_no_traceback(setup):
+    tmp, cfg = setup
+    proc = subprocess.run([sys.executable, "-m", "titlegen", "fit", "--config", str(cfg), "--data.path",
+                           str(tmp / "nope.jsonl")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"titlegen: error: {tmp / 'nope.jsonl'}: file not found"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    for sub in ("fit", "predict"):
+        assert run(sub, "--config", str(config), "--print_config") == 0
+        printed = capsys.readouterr().out
+        assert "backbone:" in printed and "prompt:" in printed
+
+
+def test_ddp_two_processes_on_cpu(setup):
+    """The multi-GPU path, on 2 CPU processes (gloo): each rank trains on its own shard of the batches."""
+    tmp, cfg = setup
+    cmd = [sys.executable, "-m", "titlegen", "fit", "--config", str(cfg), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+           "--trainer.val_check_interval", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp / "runs" / "version_0"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert sorted(scalars(run_dir, "train/loss")) == [0, 1]
+
+
+def test_validate_reports_generation_metrics(setup):
+    import json
+
+    tmp, cfg = setup
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
+    assert not list(tmp.rglob("val_generation"))  # fit validations stay fast: loss and samples only
+    assert run("validate", "--config", str(cfg), "--model.generation.max_new_tokens", "6") == 0
+    [report_dir] = list(tmp.rglob("val_generation"))
+    report = json.loads((report_dir / "report.json").read_text())
+    rows = list(csv.DictReader((report_dir / "generations.csv").open(encoding="utf-8")))
+    assert report["rows"] == len(rows) > 0
+    assert report["eos_stop_rate"] == sum(r["stopped"] == "True" for r in rows) / len(rows)
+    for key in ("rougeL", "bleu", "chrf", "distinct_2", "length_ratio", "loop_rate", "val/loss", "val/ppl"):
+        assert key in report
+    logged = scalars(report_dir.parent, "val/gen/rougeL")
+    assert list(logged.values()) == pytest.approx([report["rougeL"]])

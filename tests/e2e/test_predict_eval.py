@@ -1,0 +1,126 @@
+"""Predict never loses work; evaluate reports base and fine-tuned metrics that an independent ROUGE-L confirms."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import lightning as L
+import pytest
+
+from titlegen.eval.metrics import has_loop, paired_bootstrap
+
+from ..conftest import FIXTURE_ROWS, write_jsonl
+from .test_cli import run, tiny_config
+
+TITLES = ['Mug, "Camp" 12 oz', "Café Table\nRound", "Wool Socks", "", "Garden Hose 50 ft", "LED Desk Lamp",
+          "Bamboo Cutting Board", "Señor Frog Plush", "Travel Pillow", "12-Pack AA Batteries"]
+
+
+class CrashAfterBatches(L.Callback):
+    """Kills a predict run (an exception) once ``n`` batches are done."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.n = n
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx + 1 == self.n:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, eval_batch_size=3)
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2") == 0
+    titles = tmp_path / "titles.csv"
+    with titles.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "title"])
+        writer.writerows((i, t) for i, t in enumerate(TITLES))
+    return tmp_path, cfg, tmp_path / "runs" / "version_0" / "adapter", titles
+
+
+def test_interrupted_predict_resumes_to_the_same_rows(trained):
+    tmp, cfg, adapter, titles = trained
+    common = ["--config", str(cfg), "--ckpt_path", str(adapter), "--data.predict_path", str(titles)]
+    assert run("predict", *common, "--output", str(tmp / "full.csv")) == 0
+    out = tmp / "resumed.csv"
+    run("predict", *common, "--output", str(out), "--trainer.callbacks+=tests.e2e.test_predict_eval.CrashAfterBatches")
+    journal = tmp / "resumed.csv.partial.jsonl"
+    assert not out.exists() and journal.is_file()  # nothing half-written; the work done so far is kept
+    done_before = len(journal.read_text().splitlines()) - 1
+    assert 0 < done_before < len(TITLES) - 1
+    assert run("predict", *common, "--output", str(out)) == 0
+    assert not journal.exists()
+    assert out.read_bytes() == (tmp / "full.csv").read_bytes()
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["title"] for r in rows] == TITLES and rows[3]["description"] == ""
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def _rouge_l(pred: str, ref: str) -> float:
+    p, r = (re.findall(r"[a-z0-9]+", t.lower()) for t in (pred, ref))
+    lcs = _lcs(p, r)
+    if not p or not r or not lcs:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_evaluate_reports_both_systems_and_rouge_l_agrees(trained):
+    tmp, cfg, adapter, _ = trained
+    rows = write_jsonl(tmp / "held_out.json", FIXTURE_ROWS[:8])
+    assert run("evaluate", "--config", str(cfg), "--ckpt_path", str(adapter), "--data.eval_path", str(rows),
+               "--report_dir", str(tmp / "eval")) == 0
+    report = json.loads((tmp / "eval" / "report.json").read_text())
+    assert set(report["systems"]) == {"base", "fine-tuned"} and report["rows"] == 7  # one has no content
+    md = (tmp / "eval" / "report.md").read_text()
+    assert "| rougeL |" in md and "### Stainless Steel Water Bottle" in md and "**fine-tuned**" in md
+    gens = list(csv.DictReader((tmp / "eval" / "generations.csv").open(encoding="utf-8")))
+    for name in ("base", "fine-tuned"):
+        independent = sum(_rouge_l(g[name], g["reference"]) for g in gens) / len(gens)
+        assert abs(report["systems"][name]["rougeL"] - independent) < 0.01
+        for key in ("rouge1", "rouge2", "bleu", "chrf", "eos_stop_rate", "loop_rate", "distinct_2",
+                    "length_ratio", "loss", "ppl"):
+            assert key in report["systems"][name]
+
+
+def test_loop_detection_and_bootstrap():
+    assert has_loop("the best mug ever the best mug ever the best mug ever")
+    assert not has_loop("the best mug ever, truly the best mug")
+    same = paired_bootstrap([0.1, 0.2, 0.3], [0.1, 0.2, 0.3])
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    better = paired_bootstrap([0.1] * 50, [0.2] * 50)
+    assert better["low"] == pytest.approx(0.1) and better["high"] == pytest.approx(0.1)
+
+
+def test_progress_bar_shows_titles_per_second():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from titlegen.generate.writer import show_rate
+
+    from rich.progress import Progress
+
+    rich = RichProgressBar()
+    rich.progress = Progress(disable=True)
+    rich.predict_progress_bar_id = rich.progress.add_task("Predicting", total=3)
+    show_rate(SimpleNamespace(progress_bar_callback=rich), 64, 12.5)
+    assert rich.progress.tasks[0].description == "Predicting (64 titles, 12.50 titles/s)"
+
+    tqdm_bar = TQDMProgressBar()
+    tqdm_bar.predict_progress_bar = tqdm_bar.init_predict_tqdm()
+    show_rate(SimpleNamespace(progress_bar_callback=tqdm_bar), 64, 12.5)
+    assert "12.50 titles/s" in tqdm_bar.predict_progress_bar.postfix

@@ -1,0 +1,106 @@
+"""titlegen's decoding loop gives the tokens transformers' generate gives: left padding, grouped-query attention,
+rows finishing at different steps (and leaving the batch), the repetition rules, NF4 + LoRA."""
+
+import pytest
+import torch
+
+from titlegen.generate import loop as decoding
+from titlegen.generate.engines import GenerationSettings, NoRepeatNGram
+
+from ..conftest import lora_model
+
+
+def _model(tiny_model_dir, nf4: bool):
+    return lora_model(tiny_model_dir, "nf4" if nf4 else "none")
+
+
+def _prompts(model, rows: int = 7, seed: int = 0):
+    """Left-padded random prompts of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 14, (rows,), generator=g).tolist()
+    width = max(lengths)
+    ids = torch.zeros(rows, width, dtype=torch.long)  # pad id 0
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, model.config.vocab_size, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def _hf(model, ids, mask, settings, eos_id):
+    out = model.generate(input_ids=ids, attention_mask=mask, **settings.hf_kwargs(eos_id, 0))
+    new = out[:, ids.shape[1]:]
+    return torch.nn.functional.pad(new, (0, settings.max_new_tokens - new.shape[1]), value=0)
+
+
+def _ours(model, ids, mask, settings, eos_id):
+    rule = NoRepeatNGram(settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size else None
+    return decoding.generate_fast(model, ids, mask, settings, eos_id, 0, rule)
+
+
+def _frequent_token(model, ids, mask, settings) -> int:
+    """A token the model emits mid-way in some rows: as the EOS id, rows then finish at different steps."""
+    free = _hf(model, ids, mask, settings, eos_id=-1)
+    counts = torch.bincount(free[:, 2:].flatten(), minlength=model.config.vocab_size)
+    counts[0] = 0
+    return int(counts.argmax())
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("rules", [dict(), dict(no_repeat_ngram_size=3, repetition_penalty=1.3, min_new_tokens=4)])
+def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, monkeypatch, nf4, rules):
+    monkeypatch.setattr(decoding, "CHECK_EVERY", 2)  # check (and drop finished rows) often
+    model = _model(tiny_model_dir, nf4)
+    ids, mask = _prompts(model)
+    settings = GenerationSettings(max_new_tokens=24, **{"no_repeat_ngram_size": 0, **rules})
+    eos = _frequent_token(model, ids, mask, settings)
+    expected = _hf(model, ids, mask, settings, eos)
+    stops = [(row == eos).nonzero()[0, 0].item() if (row == eos).any() else None for row in expected]
+    assert len({s for s in stops}) >= 3, f"rows should finish at different steps: {stops}"
+    assert torch.equal(_ours(model, ids, mask, settings, eos), expected)
+
+
+def test_rows_leave_the_batch(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(decoding, "CHECK_EVERY", 1)
+    sizes = []
+    original = decoding.SlotCache.keep_rows
+
+    def spy(self, rows):
+        sizes.append(len(rows))
+        original(self, rows)
+
+    monkeypatch.setattr(decoding.SlotCache, "keep_rows", spy)
+    model = _model(tiny_model_dir, nf4=False)
+    ids, mask = _prompts(model, rows=8, seed=3)
+    settings = GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=0)
+    eos = _frequent_token(model, ids, mask, settings)
+    assert torch.equal(_ours(model, ids, mask, settings, eos), _hf(model, ids, mask, settings, eos))
+    assert sizes and all(a > b for a, b in zip([8] + sizes, sizes)), sizes
+
+
+def test_top_k_1_sampling_is_greedy_and_sampling_varies(tiny_model_dir):
+    model = _model(tiny_model_dir, nf4=False)
+    ids, mask = _prompts(model, rows=4)
+    greedy = _ours(model, ids, mask, GenerationSettings(max_new_tokens=10, no_repeat_ngram_size=0), -1)
+    top1 = _ours(model, ids, mask, GenerationSettings(max_new_tokens=10, no_repeat_ngram_size=0, do_sample=True,
+                                                      top_k=1), -1)
+    assert torch.equal(top1, greedy)
+    torch.manual_seed(1)
+    hot = GenerationSettings(max_new_tokens=10, no_repeat_ngram_size=0, do_sample=True, temperature=5.0, top_p=0.99)
+    assert not torch.equal(_ours(model, ids, mask, hot, -1), greedy)
+
+
+def test_top_p_keeps_the_smallest_head_reaching_the_mass():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    settings = GenerationSettings(do_sample=True, top_p=0.7)
+    torch.manual_seed(0)
+    draws = {int(decoding.choose_tokens(scores, settings)) for _ in range(300)}
+    assert draws == {0, 1}
+
+
+def test_attention_is_restored_after_decoding(tiny_model_dir):
+    model = _model(tiny_model_dir, nf4=False)
+    before = model.get_base_model().config._attn_implementation
+    ids, mask = _prompts(model, rows=2)
+    _ours(model, ids, mask, GenerationSettings(max_new_tokens=3), -1)
+    assert model.get_base_model().config._attn_implementation == before

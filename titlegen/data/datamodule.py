@@ -1,0 +1,224 @@
+"""LightningDataModule: cleaning and tokenization (cached once), splits, length-grouped batches, predict input."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from titlegen.data.batching import LengthGroupedBatchSampler, ResumableDataLoader
+from titlegen.data.cache import SplitSettings, load_or_build
+from titlegen.data.encoding import Encoder, collate_prompts, collate_train
+from titlegen.errors import TitlegenError
+from titlegen.data.packing import collate_packed
+from titlegen.data.predict_csv import PredictInput, read_predict_csv
+from titlegen.data.prompts import PromptTemplate, load_prompt
+from titlegen.data.records import check_readable, clean_records, iter_rows
+
+log = logging.getLogger("titlegen")
+
+
+class TitleDataModule(L.LightningDataModule):
+    """Product titles and descriptions, from a JSON Lines / .json.gz / CSV file, ready for a causal LM.
+
+    Args:
+        path: Training data: JSON Lines (``trn.json`` layout: ``title``, ``content``), ``.json.gz`` or CSV.
+        predict_path: CSV with a ``title`` column, for ``predict``.
+        eval_path: Rows (``title``, ``content``; any training format) for ``evaluate``, used whole; default: the
+            test split of ``path``, or its validation split when there is no test split.
+        tokenizer: Tokenizer directory or name; by default the model's (``model.backbone.name_or_path``).
+        prompt: The prompt template (saved beside the adapter and reloaded for predict).
+        max_length: Longest training example in tokens; longer responses are cut, the EOS is kept.
+        batch_size: Examples per training batch.
+        eval_batch_size: Examples per validation/test/predict batch (default: ``batch_size``).
+        max_records: Use only this many cleaned records, a seeded uniform sample (not the first N).
+        seed: Seed of the sample, the split and the batch order.
+        val_fraction: Share of titles (by a hash of the title) held out for validation.
+        test_fraction: Share of titles held out for ``test``.
+        group_by_length: Batch examples of similar length together (less padding).
+        num_val_samples: Validation titles whose generated descriptions are logged at every validation.
+        skip_bad_lines: Count, report and skip lines that do not parse instead of stopping.
+        num_workers: DataLoader worker processes.
+        cache_dir: Where processed splits are kept.
+        pad_to_multiple_of: Round padded lengths up to this multiple (8 suits GPU matrix units).
+        packing: Train on rows of several whole examples, each attending only to itself: no padding at all.
+            Needs ``model.backbone.attn_implementation: titlegen_varlen``.
+        max_tokens: Token budget per training batch (instead of ``batch_size`` examples): rows x longest row
+            when padded, the sum of example lengths when packed. Without it a batch is ``batch_size`` examples.
+        predict_max_tokens: Token budget per predict batch, rows x longest prompt (at most ``eval_batch_size``
+            rows): batches of short titles get more rows, batches of long ones fewer.
+    """
+
+    def __init__(self, path: str = "", predict_path: str | None = None, eval_path: str | None = None,
+                 tokenizer: str = "",
+                 prompt: PromptTemplate | None = None, max_length: int = 512, batch_size: int = 8,
+                 eval_batch_size: int | None = None, max_records: int | None = None, seed: int = 0,
+                 val_fraction: float = 0.05, test_fraction: float = 0.0, group_by_length: bool = True,
+                 num_val_samples: int = 4, skip_bad_lines: bool = False, num_workers: int = 0,
+                 cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8, packing: bool = False,
+                 max_tokens: int | None = None, predict_max_tokens: int | None = None) -> None:
+        super().__init__()
+        if not 0 <= val_fraction + test_fraction < 1:
+            raise TitlegenError("data.val_fraction + data.test_fraction must be in [0, 1)")
+        self.path, self.predict_path, self.eval_path, self.tokenizer_name = path, predict_path, eval_path, tokenizer
+        self.prompt = prompt or PromptTemplate()
+        self.max_length, self.batch_size = max_length, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.split = SplitSettings(max_records, seed, val_fraction, test_fraction, skip_bad_lines)
+        self.group_by_length, self.num_val_samples = group_by_length, num_val_samples
+        self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
+        self.packing = packing
+        self.max_tokens, self.predict_max_tokens = max_tokens, predict_max_tokens
+        self.splits: dict = {}
+        self.predict_input: PredictInput | None = None
+        self.predict_skip: set[int] = set()  # rows a resumed predict already has
+        self._encoder: Encoder | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._loader_state: dict | None = None  # train-loader position restored from a checkpoint
+
+    # ---- shared pieces -------------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Encoder:
+        """Built on first use, so that a prompt restored from a checkpoint or adapter is the one used."""
+        if self._encoder is None or self._encoder.prompt is not self.prompt:
+            from titlegen.model.backbone import load_tokenizer
+
+            self._encoder = Encoder(load_tokenizer(self.tokenizer_name), self.prompt, self.max_length)
+        return self._encoder
+
+    def use_prompt_from(self, adapter_dir: str | Path) -> None:
+        """Take the prompt an adapter was trained with (its ``prompt.yaml``)."""
+        self.prompt = load_prompt(adapter_dir)
+
+    def _stage(self) -> str:
+        return self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else "fit"
+
+    def _data_path(self) -> Path:
+        if not self.path:
+            raise TitlegenError("data.path is not set: name the training data file (JSON Lines, .json.gz or CSV)")
+        return check_readable(self.path)
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self._stage() != "predict":
+            load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if not self.predict_path:
+                raise TitlegenError("data.predict_path is not set: name a CSV file with a 'title' column")
+            self.predict_input = read_predict_csv(self.predict_path)
+            return
+        import datasets
+
+        cached = load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
+        self.splits = dict(datasets.load_from_disk(str(cached)))
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        for name in wanted:
+            if name not in self.splits and not (name == "val" and stage == "fit"):
+                raise TitlegenError(f"{self.path}: the {name} split is empty (raise data.{name}_fraction)")
+
+    def state_dict(self) -> dict:
+        # Stored in every .ckpt: the prompt it was trained with and where in the epoch training stood.
+        from dataclasses import asdict
+
+        state: dict = {"prompt": asdict(self.prompt)}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "prompt" in state:
+            saved = PromptTemplate(**state["prompt"])
+            if saved != self.prompt:
+                log.warning("data.prompt differs from the checkpoint's; using the checkpoint's prompt")
+            self.prompt = saved
+        self._loader_state = state.get("train_loader")
+        if self._loader_state and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._loader_state)
+
+    # ---- loaders -------------------------------------------------------------------------------------------
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        ds = self.splits[name].select_columns(["input_ids", "labels"])
+        size = self.batch_size if train else self.eval_batch_size
+        packed = self.packing and train  # evaluation stays padded: no gradients, simpler
+        sampler = LengthGroupedBatchSampler(self.splits[name]["length"], size, seed=self.split.seed, shuffle=train,
+                                            group=64 if self.group_by_length else 1,
+                                            max_tokens=self.max_tokens if train else None, packed=packed)
+        collate = collate_packed if packed else collate_train
+        cls = ResumableDataLoader if train else DataLoader
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG at every epoch,
+        # which would shift the dropout masks of a resumed run.
+        generator = torch.Generator().manual_seed(self.split.seed)
+        return cls(ds, batch_sampler=sampler, num_workers=self.num_workers, generator=generator,
+                   collate_fn=partial(collate, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_loader = self._loader("train", train=True)
+        if self._loader_state:
+            self._train_loader.load_state_dict(self._loader_state)
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", train=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.predict_input is not None
+        return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip,
+                                         max_tokens=self.predict_max_tokens)
+
+    # ---- evaluate ------------------------------------------------------------------------------------------
+    def eval_rows(self) -> list[dict]:
+        """(title, content) rows to evaluate on, cleaned like training data, in file order."""
+        if self.eval_path:
+            stats: Counter = Counter()
+            records = clean_records(iter_rows(self.eval_path, stats, self.split.skip_bad_lines), stats)
+            rows = [{"title": r.title, "content": r.content} for r in records]
+        else:
+            self.setup("validate")
+            split = self.splits.get("test") or self.splits.get("val")
+            if split is None:
+                raise TitlegenError("evaluate: set data.eval_path, or give data.path a test or validation split")
+            rows = [{"title": t, "content": c} for t, c in zip(split["title"], split["content"])]
+        if not rows:
+            raise TitlegenError(f"{self.eval_path or self.path}: no usable rows to evaluate")
+        return rows
+
+    def eval_loaders(self, rows: list[dict]) -> tuple[DataLoader, DataLoader]:
+        """Left-padded prompts for generation, and encoded (prompt, reference) pairs for loss/perplexity."""
+        encoded = [e for e in self.encoder.encode([r["title"] for r in rows], [r["content"] for r in rows]) if e]
+        examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+        sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], self.eval_batch_size,
+                                            shuffle=False)
+        loss = DataLoader(examples, batch_sampler=sampler,
+                          collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
+        return self.generation_loader(rows), loss
+
+    def split_rows(self, name: str) -> list[dict]:
+        """(title, content) rows of a processed split, in split order."""
+        split = self.splits.get(name)
+        return [] if split is None else [{"title": t, "content": c} for t, c in zip(split["title"], split["content"])]
+
+    def generation_loader(self, rows: list[dict]) -> DataLoader:
+        """Left-padded prompt batches of ``rows`` (each batch's ``row`` holds the row indices)."""
+        gen = PredictInput(Path(self.eval_path or self.path), ["title", "content"], rows, [r["title"] for r in rows])
+        return gen.loader(self.encoder, self.eval_batch_size, max_tokens=self.predict_max_tokens)
+
+    # ---- generation samples --------------------------------------------------------------------------------
+    def sample_rows(self) -> list[dict]:
+        """A few fixed validation rows (title, reference) whose generations are logged at each validation."""
+        val = self.splits.get("val")
+        if val is None or self.num_val_samples <= 0:
+            return []
+        return [{"title": r["title"], "content": r["content"]} for r in val.select(range(min(len(val), self.num_val_samples)))]
+
+    def sample_batch(self, titles: list[str]) -> dict:
+        return collate_prompts(self.encoder.prompt_ids(titles), self.encoder.pad_id)

@@ -1,0 +1,75 @@
+"""Predict input: every row of a CSV of titles, kept whole so the output can repeat all input columns."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from titlegen.data.cleaning import clean_text
+from titlegen.data.encoding import Encoder, collate_prompts
+from titlegen.errors import TitlegenError
+from titlegen.data.records import BadLines, check_readable, iter_csv_rows
+
+log = logging.getLogger("titlegen")
+
+
+@dataclass
+class PredictInput:
+    """The rows of a predict CSV, in file order, with their cleaned titles."""
+
+    path: Path
+    header: list[str]
+    rows: list[dict[str, str]]
+    titles: list[str]
+
+    def loader(self, encoder: Encoder, batch_size: int, skip: Collection[int] = (),
+               max_tokens: int | None = None) -> DataLoader:
+        """Batches of left-padded prompts, longest first (similar lengths share a batch; an out-of-memory
+        error shows up at once), of at most ``batch_size`` rows and, with ``max_tokens``, at most that many
+        rows x longest prompt. Rows with an empty title and rows in ``skip`` get no batch."""
+        todo = [i for i, t in enumerate(self.titles) if t and i not in skip]
+        prompts = encoder.prompt_ids([self.titles[i] for i in todo]) if todo else []
+        items = sorted(zip(todo, prompts), key=lambda item: -len(item[1]))
+        batches = budget_batches(items, batch_size, max_tokens)
+
+        def collate(batch: list[tuple[int, list[int]]]) -> dict:
+            out = collate_prompts([p for _, p in batch], encoder.pad_id)
+            out["row"] = torch.tensor([i for i, _ in batch])
+            return out
+
+        return DataLoader(batches, batch_size=None, collate_fn=collate)
+
+
+def budget_batches(items: list[tuple[int, list[int]]], rows: int, max_tokens: int | None) -> list[list]:
+    """Cut longest-first ``items`` into batches; the first item of a batch is its longest."""
+    batches: list[list] = []
+    for item in items:
+        if batches and len(batches[-1]) < rows and (
+                max_tokens is None or (len(batches[-1]) + 1) * len(batches[-1][0][1]) <= max_tokens):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def read_predict_csv(path: str | Path) -> PredictInput:
+    """Read a CSV with a ``title`` column; warn (not fail) about rows whose title is empty."""
+    path = check_readable(path)
+    if path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1] != "csv":
+        raise TitlegenError(f"{path}: predict reads a CSV file with a 'title' column")
+    rows = [row for _, row in iter_csv_rows(path, BadLines(False, Counter()), required=("title",))]
+    if not rows:
+        raise TitlegenError(f"{path}: no rows under the header (expected one title per row)")
+    titles = [clean_text(r["title"]) for r in rows]
+    empty = [i for i, t in enumerate(titles) if not t]
+    if empty:
+        log.warning("%s: %d row(s) with an empty title get an empty description (first at data row %d)",
+                    path, len(empty), empty[0] + 1)
+    header = list(rows[0].keys())
+    return PredictInput(path=path, header=header, rows=rows, titles=titles)

@@ -1,0 +1,196 @@
+"""Torch-free record layer: stream rows from JSON Lines (optionally gzipped) or CSV, clean, filter, de-duplicate,
+sample and split. Files are read line by line, never whole into memory (trn.json has 2.25M lines).
+
+Every problem with an input file raises :class:`TitlegenError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import heapq
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from titlegen.data.cleaning import clean_text, same_text
+from titlegen.errors import TitlegenError
+
+log = logging.getLogger("titlegen")
+JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One cleaned (title, content) pair and where it came from."""
+
+    title: str
+    content: str
+    uid: str = ""
+    line: int = 0
+
+
+def check_readable(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise TitlegenError(f"{path}: file not found")
+    if not path.is_file():
+        raise TitlegenError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise TitlegenError(f"{path}: empty file (expected rows with 'title' and 'content')")
+    return path
+
+
+def _format(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    suffix = Path(name).suffix
+    if suffix in JSON_SUFFIXES:
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    raise TitlegenError(f"{path}: unknown file type (expected .json/.jsonl JSON Lines, .json.gz or .csv)")
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
+
+
+class BadLines:
+    """Raises on the first bad line, or, when skipping is allowed, counts it and logs the first few."""
+
+    def __init__(self, skip: bool, stats: Counter) -> None:
+        self.skip, self.stats = skip, stats
+
+    def report(self, where: str, problem: str) -> None:
+        if not self.skip:
+            raise TitlegenError(f"{where}: {problem}")
+        self.stats["skipped_bad_line"] += 1
+        if self.stats["skipped_bad_line"] <= 3:
+            log.warning("skipped bad line %s: %s", where, problem)
+
+
+def iter_json_lines(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line of a JSON Lines file."""
+    with _open_binary(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            where = f"{path}:{number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad.report(where, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                bad.report(where, f"not valid JSON ({err.msg} at column {err.colno}); expected one object per line")
+                continue
+            if not isinstance(obj, dict):
+                bad.report(where, f"expected a JSON object with 'title' and 'content', got {type(obj).__name__}")
+                continue
+            yield number, obj
+
+
+def iter_csv_rows(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, row dict) for each CSV row; the header must name every ``required`` column."""
+    with _open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        reader = csv.DictReader(text)
+        try:
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise TitlegenError(f"{path}:1: CSV header lacks column(s) {', '.join(map(repr, missing))} "
+                                    f"(found {', '.join(map(repr, header)) or 'no header'})")
+            for row in reader:
+                if None in row:  # more fields than the header names
+                    bad.report(f"{path}:{reader.line_num}", f"{len(header) + len(row[None])} fields, header has "
+                               f"{len(header)}")
+                    continue
+                yield reader.line_num, row
+        except UnicodeDecodeError as err:
+            raise TitlegenError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({err.reason})") from None
+        except csv.Error as err:
+            raise TitlegenError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+
+
+def _text_field(obj: dict, key: str, where: str, bad: BadLines) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value or ""
+    bad.report(where, f"field '{key}' should be a string, got {type(value).__name__}")
+    return None
+
+
+def iter_rows(path: str | Path, stats: Counter, skip_bad_lines: bool = False) -> Iterator[Record]:
+    """Stream raw (uncleaned) title/content rows from a JSON Lines, .json.gz or CSV file."""
+    path = check_readable(path)
+    bad = BadLines(skip_bad_lines, stats)
+    kind = _format(path)
+    rows = iter_json_lines(path, bad) if kind == "jsonl" else iter_csv_rows(path, bad, ("title", "content"))
+    for number, obj in rows:
+        stats["read"] += 1
+        where = f"{path}:{number}"
+        title = _text_field(obj, "title", where, bad)
+        content = _text_field(obj, "content", where, bad)
+        if title is None or content is None:
+            continue
+        yield Record(title=title, content=content, uid=str(obj.get("uid") or ""), line=number)
+
+
+def clean_records(rows: Iterable[Record], stats: Counter) -> Iterator[Record]:
+    """Clean each row; drop empty titles/contents, contents that only repeat the title, and exact duplicates."""
+    seen: set[bytes] = set()
+    for row in rows:
+        title, content = clean_text(row.title), clean_text(row.content)
+        if not title:
+            stats["dropped_empty_title"] += 1
+        elif not content:
+            stats["dropped_empty_content"] += 1
+        elif same_text(title, content):
+            stats["dropped_title_equals_content"] += 1
+        else:
+            key = hashlib.blake2b(f"{title}\0{content}".encode(), digest_size=12).digest()
+            if key in seen:
+                stats["dropped_duplicate"] += 1
+                continue
+            seen.add(key)
+            yield Record(title=title, content=content, uid=row.uid, line=row.line)
+
+
+def seeded_hash(text: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, text): reproducible on any machine, any order of rows."""
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def sample_records(records: Iterable[Record], k: int, seed: int, stats: Counter) -> list[Record]:
+    """Keep the ``k`` records with the smallest seeded hash (a uniform sample, not the first k), in file order."""
+    heap: list[tuple[float, int, Record]] = []  # max-heap on the hash via negation
+    for i, rec in enumerate(records):
+        item = (-seeded_hash(f"{rec.title}\0{rec.content}", seed), i, rec)
+        if len(heap) < k:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+            stats["dropped_by_max_records"] += 1
+        else:
+            stats["dropped_by_max_records"] += 1
+    return [rec for _, _, rec in sorted(heap, key=lambda t: t[1])]
+
+
+def split_of(title: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """``train``/``val``/``test`` from a seeded hash of the title, so one title never lands in two splits."""
+    u = seeded_hash(title.casefold(), seed)
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"

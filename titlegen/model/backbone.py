@@ -1,0 +1,277 @@
+"""The only module that touches transformers, peft and bitsandbytes.
+
+Loads a causal LM (4-bit NF4 through ``BitsAndBytesConfig`` when asked), attaches LoRA adapters, and saves or
+reloads them in PEFT's own format. Everything else in titlegen sees plain ``torch.nn.Module`` objects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from titlegen.errors import TitlegenError
+from titlegen.data.packing import ATTENTION_NAME, register_attention
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class BackboneConfig:
+    """Which base model to load and how.
+
+    Attributes:
+        name_or_path: Local directory of a Hugging Face causal LM (or a Hub name, if the Hub is reachable).
+        quantization: ``nf4``/``fp4`` quantize the linear layers to 4 bits with bitsandbytes; ``none`` keeps them.
+        double_quant: Quantize the 4-bit scales too (saves ~0.4 bit per weight).
+        compute_dtype: dtype of the non-quantized weights and of the 4-bit matmuls; ``auto`` is bfloat16 on a GPU
+            and float32 on a CPU.
+        attn_implementation: ``sdpa`` (default), ``titlegen_varlen`` (needed by ``data.packing``: PyTorch's
+            variable-length flash attention on CUDA, exact per-example attention elsewhere), ``eager``, ...
+        gradient_checkpointing: Recompute activations in the backward pass (much less memory, ~1/3 more compute).
+        checkpoint_fraction: Share of the decoder layers that recompute (the first ones); the rest keep their
+            activations. Between 0 and 1 it trades memory for speed where all-or-nothing does not fit.
+        liger_kernel: Swap in Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (GPU; needs
+            ``liger-kernel``).
+    """
+
+    name_or_path: str = ""
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    checkpoint_fraction: float = 1.0
+    liger_kernel: bool = False
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft).
+
+    Attributes:
+        r: Rank of the update matrices.
+        alpha: Scaling numerator: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout on the adapter's input.
+        target_modules: Module names to adapt, or ``all-linear`` for every linear layer but the output head.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
+    """
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Fail with one clear line when a local model directory is named but absent or incomplete.
+
+    A name shaped like ``org/model`` that is not a local directory is left to Hugging Face (a Hub name).
+    """
+    if not name_or_path:
+        raise TitlegenError("model.backbone.name_or_path is empty: name a local model directory")
+    path = Path(name_or_path).expanduser()
+    hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None and not name_or_path.startswith(".")
+    if path.exists() or not hub_like:
+        if not (path / "config.json").is_file():
+            hint = " (run: python scripts/fetch_quickstart_model.py)" if "SmolLM2" in name_or_path else ""
+            raise TitlegenError(f"{name_or_path}: no model here (expected a directory with config.json){hint}")
+
+
+def load_tokenizer(name_or_path: str):
+    """The base model's tokenizer, with a pad token (padding is masked by position, so pad == eos is safe)."""
+    from transformers import AutoTokenizer
+
+    check_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.eos_token_id is None:
+        raise TitlegenError(f"{name_or_path}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.clean_up_tokenization_spaces = False  # that clean-up deletes real spaces before punctuation
+    return tok
+
+
+def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Module:
+    """Load the base causal LM on ``device``, quantized to 4 bits when ``cfg.quantization`` asks."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_path(cfg.name_or_path)
+    if cfg.attn_implementation == ATTENTION_NAME:
+        register_attention()
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    # Each process (DDP rank) places its own copy on its own device; "auto" would put all of it on one rank.
+    kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    disable_cpu_4bit_repacking(model)
+    if cfg.liger_kernel:
+        apply_liger(model)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen embeddings, so no enable_input_require_grads hack.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        limit_checkpointing(model, cfg.checkpoint_fraction)
+    model.config.use_cache = not cfg.gradient_checkpointing
+    return model
+
+
+def cast_adapter(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the LoRA tensors (inference only: training keeps them in fp32 for the optimizer)."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+
+
+def limit_checkpointing(model: torch.nn.Module, fraction: float) -> int:
+    """Keep recomputation on the first ``fraction`` of the decoder layers only; returns how many recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"model.backbone.checkpoint_fraction must be in [0, 1], got {fraction}")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = round(fraction * len(layers))
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
+    return keep
+
+
+def apply_liger(model: torch.nn.Module) -> None:
+    """Fused RMSNorm / RoPE / SwiGLU kernels; the loss stays titlegen's own (response tokens only, chunked)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise TitlegenError("model.backbone.liger_kernel needs the liger-kernel package (GPU only)") from err
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs.
+
+    On such CPUs an eval-mode no-grad forward (Lightning's sanity check, validation) repacks each
+    ``Linear4bit`` weight in place, after which every backward silently drops gradients. The CUDA path never
+    takes this branch. Returns the number of layers changed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """Freeze the base and wrap it with trainable LoRA adapters (adapter weights stay float32)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """Wrap ``model`` with the saved PEFT adapter in ``adapter_dir`` (frozen, for inference)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise TitlegenError(f"{adapter_dir}: not an adapter directory (expected adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
+def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) into ``directory``."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def merge_into_dense(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Dequantize every 4-bit layer once and fold each LoRA update into it: a plain dense transformers model
+    that computes what the 4-bit base + adapter compute (up to rounding to ``dtype``), with no per-step
+    dequantization. The merge is done in float32 on the dequantized weights, never into 4-bit weights
+    (re-quantizing a merged weight loses the adapter, peft#2321)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, module in list(base.named_modules()):
+        if name.endswith(".base_layer") or ".lora_" in name:
+            continue  # parts of a LoRA layer: handled with it
+        is_lora = hasattr(module, "base_layer") and hasattr(module, "lora_A")
+        if not is_lora and not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        inner = module.base_layer if is_lora else module
+        four_bit = isinstance(inner, bnb.nn.Linear4bit)
+        dense = dequantize_4bit(inner.weight.data, inner.weight.quant_state) if four_bit else inner.weight.data
+        merged = dense.float()
+        for key in module.active_adapters if is_lora else []:
+            if key in module.lora_A:
+                a, b = module.lora_A[key].weight.float(), module.lora_B[key].weight.float()
+                merged = merged + module.scaling[key] * (b @ a)
+        out_dtype = dtype or dense.dtype
+        linear = torch.nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None,
+                                 device=merged.device, dtype=out_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(merged)
+            if inner.bias is not None:
+                linear.bias.copy_(inner.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
+    base.hf_quantizer = None
+    base.is_quantized = False
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    return base
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the number of values they store."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+@dataclass
+class Decoder:
+    """The pieces of a causal LM that a memory-saving loss needs: trunk (hidden states) and output head."""
+
+    trunk: torch.nn.Module
+    head: torch.nn.Module
+
+
+def split_decoder(model: torch.nn.Module) -> Decoder:
+    """Find the transformer trunk and the LM head inside a (PEFT-wrapped) causal LM."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal_lm.get_output_embeddings()
+    trunk = causal_lm.get_decoder()
+    if head is None or trunk is None:
+        raise TitlegenError(f"{type(causal_lm).__name__}: cannot find the decoder trunk and output head")
+    return Decoder(trunk=trunk, head=head)
