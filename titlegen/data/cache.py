@@ -7,15 +7,15 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from titlegen.data.encoding import Encoder
-from titlegen.errors import TitlegenError
 from titlegen.data.records import clean_records, iter_rows, sample_records, split_of
+from titlegen.errors import TitlegenError
+from titlegen.io import staged_dir
 
 log = logging.getLogger("titlegen")
 CACHE_VERSION = 1  # bump when cleaning or encoding changes meaning
@@ -80,8 +80,7 @@ def build(path: Path, split: SplitSettings, encoder: Encoder, target: Path) -> C
     import datasets
 
     stats: Counter = Counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+    with staged_dir(target, replace=True) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as tmp:
         work = Path(tmp)
         _write_split_files(path, split, work, stats)
         if stats["train"] == 0:
@@ -95,11 +94,8 @@ def build(path: Path, split: SplitSettings, encoder: Encoder, target: Path) -> C
         for name, ds in tokenized.items():
             stats["dropped_prompt_too_long"] += len(ds) - sum(ds["keep"])
         tokenized = tokenized.filter(lambda k: k, input_columns="keep").remove_columns("keep")
-        staged = work / "final"
         tokenized.save_to_disk(str(staged))
         (staged / "stats.json").write_text(json.dumps(dict(stats), indent=1))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staged, target)
     return stats
 
 

@@ -3,14 +3,13 @@ exported adapter and reloaded from there, so training and inference cannot drift
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from titlegen.errors import TitlegenError
+from titlegen.io import atomic_write
 
 ALPACA = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -49,10 +48,7 @@ class PromptTemplate:
 def save_prompt(prompt: PromptTemplate, directory: str | Path) -> Path:
     """Write ``prompt.yaml`` into ``directory`` atomically."""
     path = Path(directory) / "prompt.yaml"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".prompt.", suffix=".yaml")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(asdict(prompt), fh, allow_unicode=True, sort_keys=False, width=1000)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: yaml.safe_dump(asdict(prompt), fh, allow_unicode=True, sort_keys=False, width=1000))
     return path
 
 

@@ -8,13 +8,13 @@ import csv
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from titlegen.io import atomic_write
 
 log = logging.getLogger("titlegen")
 
@@ -130,15 +130,3 @@ def write_csv(output: Path, header: list[str], rows: list[dict], done: dict[int,
 
     atomic_write(output, table)
 
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then rename it over ``path``: readers see the old
-    file or the whole new one, never a half-written one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
