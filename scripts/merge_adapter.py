@@ -12,49 +12,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from titlegen.errors import TitlegenError
+from titlegen.io import copy_if_present, staged_dir
+from titlegen.model import backbone as bb
+from titlegen.model import lora
+from titlegen.model.merge import merge_into_dense
 
 
-def main(argv: list[str] | None = None) -> int:
-    from titlegen.model import backbone as bb
-    from titlegen.errors import TitlegenError
-
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", required=True, help="an exported adapter directory")
-    ap.add_argument("--out", required=True, help="where the merged model directory goes")
+    ap.add_argument("--out", required=True, help="where the merged model directory goes (new or empty)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty")
     ap.add_argument("--base", default=None, help="base model directory (default: the adapter's own base)")
     ap.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "none"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def merge(args: argparse.Namespace) -> Path:
+    adapter, out = lora.check_adapter_dir(args.adapter), Path(args.out)
+    if out.resolve() in (Path.cwd().resolve(), adapter.resolve(), *adapter.resolve().parents):
+        raise TitlegenError(f"{out}: --out must be a new directory, not the current one or one holding the adapter")
+    base = args.base or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = bb.BackboneConfig(name_or_path=base, quantization=args.quantization, gradient_checkpointing=False,
+                            compute_dtype=args.dtype if device.type == "cuda" else "float32")
+    bb.check_model_path(base)  # arguments first, the model after
+    with staged_dir(out, replace=args.overwrite) as staged:
+        model = merge_into_dense(lora.load_adapter(bb.load_base_model(cfg, device), adapter),
+                                 dtype=getattr(torch, args.dtype))
+        model.save_pretrained(str(staged), safe_serialization=True)
+        bb.load_tokenizer(base).save_pretrained(str(staged))
+        for extra in ("prompt.yaml", "config.yaml"):
+            copy_if_present(adapter / extra, staged)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     try:
-        adapter = Path(args.adapter)
-        config = adapter / "adapter_config.json"
-        if not config.is_file():
-            raise TitlegenError(f"{adapter}: not an adapter directory (expected adapter_config.json)")
-        base = args.base or json.loads(config.read_text())["base_model_name_or_path"]
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        cfg = bb.BackboneConfig(name_or_path=base, quantization=args.quantization, gradient_checkpointing=False,
-                                compute_dtype=args.dtype if device.type == "cuda" else "float32")
-        model = bb.merge_into_dense(bb.load_adapter(bb.load_base_model(cfg, device), adapter),
-                                    dtype=getattr(torch, args.dtype))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merge-") as tmp:
-            staged = Path(tmp) / "model"
-            model.save_pretrained(str(staged), safe_serialization=True)
-            bb.load_tokenizer(base).save_pretrained(str(staged))
-            for extra in ("prompt.yaml", "config.yaml"):
-                if (adapter / extra).is_file():
-                    shutil.copy(adapter / extra, staged / extra)
-            shutil.rmtree(out, ignore_errors=True)
-            staged.rename(out)
+        out = merge(args)
     except TitlegenError as err:
         print(f"merge_adapter: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """``python -m titlegen {fit,validate,test,predict}``: LightningCLI with titlegen's defaults.
 
-``configs/base.yaml`` is always loaded first; ``--config`` files and flags override it. Bad input ends with one
-line on stderr (``titlegen: error: ...``) and exit code 2, never a traceback.
+``titlegen/base.yaml`` (package data; ``configs/base.yaml`` points to it) is always loaded first; ``--config``
+files and flags override it. Bad input ends with one line on stderr (``titlegen: error: ...``) and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from titlegen.model.callbacks import AdapterExport, ThroughputLogger
 from titlegen.data.datamodule import TitleDataModule
 from titlegen.errors import TitlegenError
 from titlegen.eval.compare import TitlegenTrainer
+from titlegen.generate.writer import CSVPredictionWriter
+from titlegen.model.callbacks import AdapterExport, ThroughputLogger
+from titlegen.model.lora import check_adapter_dir
 from titlegen.model.module import TitleGenModule
 from titlegen.quiet import quiet_third_party
-from titlegen.generate.writer import CSVPredictionWriter
 
-BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+BASE_CONFIG = Path(__file__).resolve().parent / "base.yaml"  # package data: installed with titlegen
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "evaluate")
 
 
@@ -86,9 +88,7 @@ class TitlegenCLI(LightningCLI):
             return None
         path = Path(ckpt)
         if path.is_dir() and self.subcommand != "fit":
-            if not (path / "adapter_config.json").is_file():
-                raise TitlegenError(f"{path}: not an adapter directory (expected adapter_config.json)")
-            self.model.adapter_path = str(path)
+            self.model.adapter_path = str(check_adapter_dir(path))
             self.datamodule.use_prompt_from(path)
             cfg["ckpt_path"] = None
             return None
@@ -115,7 +115,9 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("titlegen").setLevel(logging.INFO)
     quiet_third_party()
-    defaults = {"default_config_files": [str(BASE_CONFIG)]} if BASE_CONFIG.is_file() else {}
+    if not BASE_CONFIG.is_file():  # a broken install: without it every default would silently differ
+        raise SystemExit(f"titlegen: error: {BASE_CONFIG} is missing from the installed package; reinstall titlegen")
+    defaults = {"default_config_files": [str(BASE_CONFIG)]}
     try:
         TitlegenCLI(TitleGenModule, TitleDataModule, trainer_class=TitlegenTrainer,
                     parser_kwargs={c: defaults for c in SUBCOMMANDS},

@@ -18,11 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import SHAPES, make_checkpoint  # noqa: E402
+from benchmark import SHAPES, make_checkpoint  # the script's own folder is on sys.path
 
 VARIANTS = {
     "nf4": ["--model.merge_for_predict", "false"],
@@ -33,19 +29,20 @@ VARIANTS = {
 
 def make_adapter(ckpt: Path, target: Path) -> None:
     """A LoRA adapter with random non-zero weights, exported like titlegen's own (adapter + prompt + tokenizer)."""
-    from titlegen.model import backbone as bb
     from titlegen.data.prompts import PromptTemplate, save_prompt
+    from titlegen.model import backbone as bb
+    from titlegen.model import lora
 
     if (target / "adapter_config.json").is_file():
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = bb.load_base_model(bb.BackboneConfig(name_or_path=str(ckpt), gradient_checkpointing=False), device)
     torch.manual_seed(0)
-    model = bb.attach_lora(base, bb.LoraSettings(r=16, alpha=16))
+    model = lora.attach_lora(base, lora.LoraSettings(r=16, alpha=16))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
-    bb.save_adapter(model, target)
+    lora.save_adapter(model, target)
     save_prompt(PromptTemplate(template="{title}"), target)
     bb.load_tokenizer(str(ckpt)).save_pretrained(str(target))
     del model, base

@@ -5,22 +5,20 @@ For the lent GPU: python scripts/bench/profile_predict.py [--batch 1024] [--merg
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import make_checkpoint  # noqa: E402
+from benchmark import make_checkpoint  # the script's own folder is on sys.path
 
 
 def main() -> None:
-    from titlegen.model import backbone as bb
     from titlegen.data.encoding import collate_prompts
-    from titlegen.generate.engines import GenerationSettings, generate
+    from titlegen.generate.engines import generate
+    from titlegen.generate.settings import GenerationSettings
+    from titlegen.model import backbone as bb
+    from titlegen.model import lora
+    from titlegen.model.merge import merge_into_dense
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1024)
@@ -31,9 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     ckpt = str(make_checkpoint("llama3-8b", Path(args.ckpt)))
     base = bb.load_base_model(bb.BackboneConfig(name_or_path=ckpt, gradient_checkpointing=False), torch.device("cuda"))
-    model = bb.attach_lora(base, bb.LoraSettings(r=16)).eval()
+    model = lora.attach_lora(base, lora.LoraSettings(r=16)).eval()
     if args.merged:
-        model = bb.merge_into_dense(model, torch.bfloat16).eval()
+        model = merge_into_dense(model, torch.bfloat16).eval()
     tok = bb.load_tokenizer(ckpt)
     g = torch.Generator().manual_seed(0)
     sizes = [args.prompt_len] * args.batch if args.prompt_len else torch.randint(50, 90, (args.batch,), generator=g)

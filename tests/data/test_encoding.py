@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from titlegen.data.encoding import IGNORE_INDEX, Encoder, collate_prompts, collate_train, join_prompt_response
-from titlegen.errors import TitlegenError
 from titlegen.data.prompts import PromptTemplate, load_prompt, save_prompt
+from titlegen.errors import TitlegenError
 
 
 class MockTokenizer:

@@ -4,10 +4,9 @@ from collections import Counter
 
 import pytest
 
-from titlegen.errors import TitlegenError
+from tests.helpers import FIXTURE_ROWS, write_jsonl
 from titlegen.data.records import clean_records, iter_rows, sample_records, split_of
-
-from ..conftest import FIXTURE_ROWS, write_jsonl
+from titlegen.errors import TitlegenError
 
 
 def _clean(path, **kw):

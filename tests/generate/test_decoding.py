@@ -4,10 +4,11 @@ rows finishing at different steps (and leaving the batch), the repetition rules,
 import pytest
 import torch
 
+from tests.helpers import lora_model
 from titlegen.generate import loop as decoding
-from titlegen.generate.engines import GenerationSettings, NoRepeatNGram
-
-from ..conftest import lora_model
+from titlegen.generate.engines import hf_kwargs
+from titlegen.generate.rules import NoRepeatNGram, choose_tokens
+from titlegen.generate.settings import GenerationSettings
 
 
 def _model(tiny_model_dir, nf4: bool):
@@ -28,7 +29,7 @@ def _prompts(model, rows: int = 7, seed: int = 0):
 
 
 def _hf(model, ids, mask, settings, eos_id):
-    out = model.generate(input_ids=ids, attention_mask=mask, **settings.hf_kwargs(eos_id, 0))
+    out = model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs(settings, eos_id, 0))
     new = out[:, ids.shape[1]:]
     return torch.nn.functional.pad(new, (0, settings.max_new_tokens - new.shape[1]), value=0)
 
@@ -94,7 +95,7 @@ def test_top_p_keeps_the_smallest_head_reaching_the_mass():
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     settings = GenerationSettings(do_sample=True, top_p=0.7)
     torch.manual_seed(0)
-    draws = {int(decoding.choose_tokens(scores, settings)) for _ in range(300)}
+    draws = {int(choose_tokens(scores, settings)) for _ in range(300)}
     assert draws == {0, 1}
 
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from tests.helpers import lora_model
+from titlegen.generate.rules import NoRepeatNGram
 from titlegen.model import backbone as bb
-from titlegen.generate.engines import NoRepeatNGram
-
-from ..conftest import lora_model
+from titlegen.model import lora
+from titlegen.model.merge import merge_into_dense
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -29,7 +30,7 @@ def test_merged_dense_model_computes_what_nf4_plus_adapter_computes(tiny_model_d
     ids = torch.randint(4, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        dense = bb.merge_into_dense(model)
+        dense = merge_into_dense(model)
         got = dense(input_ids=ids).logits
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
     assert not any("lora" in n for n, _ in dense.named_modules())
@@ -45,7 +46,7 @@ def test_merge_script_writes_a_plain_transformers_model(tiny_model_dir, tmp_path
     from scripts.merge_adapter import main as merge_main
 
     model = lora_model(tiny_model_dir)
-    bb.save_adapter(model, tmp_path / "adapter")
+    lora.save_adapter(model, tmp_path / "adapter")
     bb.load_tokenizer(str(tiny_model_dir)).save_pretrained(str(tmp_path / "adapter"))
     ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from titlegen.model import backbone as bb
 from titlegen.data.encoding import IGNORE_INDEX, collate_train
+from titlegen.data.packing import collate_packed
+from titlegen.model import backbone as bb
+from titlegen.model import lora
+from titlegen.model.attention import PACKED_ATTENTION as ATTENTION_NAME
+from titlegen.model.attention import _loop_varlen, packed_forward_kwargs, varlen_attention_forward
 from titlegen.model.loss import reference_loss, response_loss
-from titlegen.data.packing import ATTENTION_NAME, _loop_varlen, collate_packed, packed_forward_kwargs, varlen_attention_forward
 
 pytestmark = pytest.mark.gpu
 CKPT = Path(os.environ.get("TITLEGEN_GPU_CKPT", "/tmp/peer_ckpt/llama3-8b"))
@@ -53,7 +56,7 @@ def _train(fast: bool, steps: int = 4) -> list[float]:
     cfg = bb.BackboneConfig(name_or_path=str(CKPT), attn_implementation=ATTENTION_NAME)
     model = bb.load_base_model(cfg, torch.device("cuda"))
     torch.manual_seed(3407)
-    model = bb.attach_lora(model, bb.LoraSettings(r=16, alpha=16)).train()
+    model = lora.attach_lora(model, lora.LoraSettings(r=16, alpha=16)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     dec, losses = bb.split_decoder(model), []
     for step in range(steps):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from titlegen.model import backbone as bb
 from titlegen.data.encoding import IGNORE_INDEX
 from titlegen.errors import TitlegenError
+from titlegen.model import backbone as bb
+from titlegen.model import lora
 from titlegen.model.loss import reference_loss, response_loss
 
 CPU = torch.device("cpu")
@@ -19,7 +20,7 @@ def _model(path, fix=True, **kw):
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = True
     torch.manual_seed(0)
-    model = bb.attach_lora(base, bb.LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = lora.attach_lora(base, lora.LoraSettings(r=4, alpha=8, dropout=0.0))
     for name, p in model.named_parameters():  # non-zero B so the adapter changes the output
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -118,7 +119,7 @@ def test_adapter_round_trip_through_plain_peft(tiny_model_dir, tmp_path):
     ids = _batch(model.config.vocab_size)["input_ids"]
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    bb.save_adapter(model, tmp_path / "adapter")
+    lora.save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     base = bb.load_base_model(bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False), CPU)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()

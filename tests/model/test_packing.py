@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from titlegen.model import backbone as bb
+from tests.helpers import FIXTURE_ROWS, run, scalars, tiny_config, write_jsonl
 from titlegen.data.batching import LengthGroupedBatchSampler
 from titlegen.data.encoding import IGNORE_INDEX, collate_train
+from titlegen.data.packing import collate_packed
+from titlegen.model import backbone as bb
+from titlegen.model import lora
+from titlegen.model.attention import PACKED_ATTENTION as ATTENTION_NAME
+from titlegen.model.attention import packed_forward_kwargs
 from titlegen.model.loss import reference_loss, response_loss
-from titlegen.data.packing import ATTENTION_NAME, collate_packed, packed_forward_kwargs
-
-from ..e2e.test_cli import run, scalars, tiny_config
-from ..conftest import FIXTURE_ROWS, write_jsonl
 
 
 def _examples(vocab: int, lengths=((3, 5), (6, 2), (2, 9), (4, 4))):
@@ -36,7 +37,7 @@ def packed_model(tiny_model_dir):
     cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=False,
                             attn_implementation=ATTENTION_NAME)
     torch.manual_seed(0)
-    model = bb.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), bb.LoraSettings(r=4, alpha=8))
+    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), lora.LoraSettings(r=4, alpha=8))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)

@@ -16,16 +16,13 @@ dispatches attention through ``AttentionInterface`` (Llama, Mistral, Qwen2, Smol
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION_NAME = "titlegen_decode"
+from titlegen.generate.rules import choose_tokens, process_scores
+from titlegen.model.attention import decode_attention
+
 CHECK_EVERY = 8  # steps between host checks for finished rows (each check is a device sync)
 COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
-DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlotCache:
@@ -65,57 +62,6 @@ class SlotCache:
         return self.length
 
 
-def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention interface: (B, H, T, D) in, (B, T, H, D) out. ``attention_mask`` is a boolean
-    (B, 1, T, S) mask (True: attend), prepared by :func:`generate_fast`."""
-    b, heads, t, d = query.shape
-    kv_heads = key.shape[1]
-    if t == 1 and heads != kv_heads:
-        # One new token: the G query heads of a K/V group become G "positions" of that group, so SDPA reads each
-        # cached K/V head once instead of a G-times repeated copy.
-        q = query.reshape(b, kv_heads, heads // kv_heads, d)
-        # Memory-efficient attention takes the mask as is; cuDNN's (PyTorch's first pick on Hopper) would plan
-        # anew for every cache length, milliseconds of host time per layer per step.
-        with sdpa_kernel(DECODE_BACKENDS):
-            out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-        return out.reshape(b, heads, 1, d).transpose(1, 2), None
-    if heads != kv_heads:
-        key = key.repeat_interleave(heads // kv_heads, dim=1)
-        value = value.repeat_interleave(heads // kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.transpose(1, 2), None
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, decode_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-
-
-def _hf_model(model: torch.nn.Module):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def supports_fast_decoding(model: torch.nn.Module) -> bool:
-    hf = _hf_model(model)
-    return hasattr(hf, "set_attn_implementation") and hf._can_set_attn_implementation()
-
-
-@contextlib.contextmanager
-def decode_attention(model: torch.nn.Module):
-    """Switch the model to the decoding attention for the duration of the block."""
-    register_attention()
-    hf = _hf_model(model)
-    previous = hf.config._attn_implementation
-    hf.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        hf.set_attn_implementation(previous)
-
-
 def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
     """(B, P) padding mask -> (B, 1, P, P) causal + padding mask. A padding query attends to itself only, so no
     softmax row is empty (its output is never used)."""
@@ -124,36 +70,6 @@ def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
     full = causal[None] & mask[:, None, :]
     full |= torch.eye(p, dtype=torch.bool, device=mask.device)[None]
     return full[:, None]
-
-
-def process_scores(scores: torch.Tensor, history: torch.Tensor, step: int, settings, eos_id: int,
-                   no_repeat=None) -> torch.Tensor:
-    """Apply the decoding rules to next-token scores (float32, (B, V)), in transformers' order."""
-    if settings.repetition_penalty != 1.0:
-        seen = scores.gather(1, history)
-        seen = torch.where(seen < 0, seen * settings.repetition_penalty, seen / settings.repetition_penalty)
-        scores = scores.scatter(1, history, seen)
-    if no_repeat is not None:
-        scores = no_repeat(history, scores)
-    if step < settings.min_new_tokens:
-        scores[:, eos_id] = float("-inf")
-    return scores
-
-
-def choose_tokens(scores: torch.Tensor, settings, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy, or sampling with temperature, top-k and top-p (nucleus)."""
-    if not settings.do_sample:
-        return scores.argmax(-1)
-    scores = scores / max(settings.temperature, 1e-5)
-    if settings.top_k:
-        kth = scores.topk(min(settings.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if settings.top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = probs.cumsum(-1) - probs > settings.top_p  # keep the smallest head whose mass reaches top_p
-        scores = scores.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 def _last_logits(model, ids, positions, mask4d, cache: SlotCache) -> torch.Tensor:

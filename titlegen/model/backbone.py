@@ -1,7 +1,8 @@
-"""The only module that touches transformers, peft and bitsandbytes.
+"""Load the base causal LM and its tokenizer through transformers: 4-bit NF4 through ``BitsAndBytesConfig``
+when asked, gradient checkpointing, the CPU guard against bitsandbytes' silent wrong gradients.
 
-Loads a causal LM (4-bit NF4 through ``BitsAndBytesConfig`` when asked), attaches LoRA adapters, and saves or
-reloads them in PEFT's own format. Everything else in titlegen sees plain ``torch.nn.Module`` objects.
+transformers, peft and bitsandbytes are imported only in :mod:`titlegen.model` (backbone, lora, attention, merge)
+and by the ``hf`` engine in :mod:`titlegen.generate.engines`; everything else sees plain ``torch.nn.Module``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Literal
 import torch
 
 from titlegen.errors import TitlegenError
-from titlegen.data.packing import ATTENTION_NAME, register_attention
+from titlegen.model.attention import register_attentions
+from titlegen.model.lora import unwrap
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -46,25 +48,6 @@ class BackboneConfig:
     gradient_checkpointing: bool = True
     checkpoint_fraction: float = 1.0
     liger_kernel: bool = False
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter settings (peft).
-
-    Attributes:
-        r: Rank of the update matrices.
-        alpha: Scaling numerator: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-        dropout: Dropout on the adapter's input.
-        target_modules: Module names to adapt, or ``all-linear`` for every linear layer but the output head.
-        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
-    """
-
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -107,8 +90,7 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_model_path(cfg.name_or_path)
-    if cfg.attn_implementation == ATTENTION_NAME:
-        register_attention()
+    register_attentions()  # titlegen's attention names become valid attn_implementation values
     dtype = resolve_dtype(cfg.compute_dtype, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if cfg.quantization != "none":
@@ -131,13 +113,6 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
         limit_checkpointing(model, cfg.checkpoint_fraction)
     model.config.use_cache = not cfg.gradient_checkpointing
     return model
-
-
-def cast_adapter(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the LoRA tensors (inference only: training keeps them in fp32 for the optimizer)."""
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.to(dtype)
 
 
 def limit_checkpointing(model: torch.nn.Module, fraction: float) -> int:
@@ -180,75 +155,6 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def attach_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
-    """Freeze the base and wrap it with trainable LoRA adapters (adapter weights stay float32)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """Wrap ``model`` with the saved PEFT adapter in ``adapter_dir`` (frozen, for inference)."""
-    from peft import PeftModel
-
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise TitlegenError(f"{adapter_dir}: not an adapter directory (expected adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-
-
-def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) into ``directory``."""
-    model.save_pretrained(str(directory), safe_serialization=True)
-
-
-def merge_into_dense(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Dequantize every 4-bit layer once and fold each LoRA update into it: a plain dense transformers model
-    that computes what the 4-bit base + adapter compute (up to rounding to ``dtype``), with no per-step
-    dequantization. The merge is done in float32 on the dequantized weights, never into 4-bit weights
-    (re-quantizing a merged weight loses the adapter, peft#2321)."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name, module in list(base.named_modules()):
-        if name.endswith(".base_layer") or ".lora_" in name:
-            continue  # parts of a LoRA layer: handled with it
-        is_lora = hasattr(module, "base_layer") and hasattr(module, "lora_A")
-        if not is_lora and not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        inner = module.base_layer if is_lora else module
-        four_bit = isinstance(inner, bnb.nn.Linear4bit)
-        dense = dequantize_4bit(inner.weight.data, inner.weight.quant_state) if four_bit else inner.weight.data
-        merged = dense.float()
-        for key in module.active_adapters if is_lora else []:
-            if key in module.lora_A:
-                a, b = module.lora_A[key].weight.float(), module.lora_B[key].weight.float()
-                merged = merged + module.scaling[key] * (b @ a)
-        out_dtype = dtype or dense.dtype
-        linear = torch.nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None,
-                                 device=merged.device, dtype=out_dtype)
-        with torch.no_grad():
-            linear.weight.copy_(merged)
-            if inner.bias is not None:
-                linear.bias.copy_(inner.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
-    base.hf_quantizer = None
-    base.is_quantized = False
-    if hasattr(base.config, "quantization_config"):
-        del base.config.quantization_config
-    return base
-
-
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the number of values they store."""
     trainable = total = 0
@@ -269,7 +175,7 @@ class Decoder:
 
 def split_decoder(model: torch.nn.Module) -> Decoder:
     """Find the transformer trunk and the LM head inside a (PEFT-wrapped) causal LM."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap(model)
     head = causal_lm.get_output_embeddings()
     trunk = causal_lm.get_decoder()
     if head is None or trunk is None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from titlegen.model import backbone as bb
 from titlegen.data.prompts import save_prompt
+from titlegen.io import copy_if_present, staged_dir
+from titlegen.model.lora import save_adapter
 
 
 def non_padding_tokens(batch: dict) -> int:
@@ -63,15 +62,11 @@ class AdapterExport(L.Callback):
 
 
 def export_adapter(pl_module, datamodule, target: Path, config_file: Path | None = None) -> Path:
-    """Write the adapter directory into a temporary sibling, then move it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".adapter-") as tmp:
-        staged = Path(tmp) / "adapter"
-        bb.save_adapter(pl_module.model, staged)
+    """Write the adapter directory (the run's own output: a resumed fit replaces it) in one rename."""
+    with staged_dir(target, replace=True) as staged:
+        save_adapter(pl_module.model, staged)
         pl_module.tokenizer.save_pretrained(str(staged))
         save_prompt(datamodule.prompt, staged)
-        if config_file is not None and config_file.is_file():
-            shutil.copy(config_file, staged / "config.yaml")
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)
+        if config_file is not None:
+            copy_if_present(config_file, staged)
     return target

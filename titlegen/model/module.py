@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 from typing import Literal
@@ -12,13 +11,17 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.aggregation import SumMetric
 
-from titlegen.model import backbone as bb
 from titlegen.errors import TitlegenError
-from titlegen.generate.engines import GenerationSettings, generate
-from titlegen.model.loss import response_loss
-from titlegen.data.packing import ATTENTION_NAME, packed_forward_kwargs
-from titlegen.model.schedule import ScheduleSettings, build_scheduler
+from titlegen.eval.rows import sample_batch, sample_rows
 from titlegen.eval.split import split_generation_metrics, wanted
+from titlegen.generate.engines import generate
+from titlegen.generate.settings import GenerationSettings
+from titlegen.model import backbone as bb
+from titlegen.model.attention import PACKED_ATTENTION, packed_forward_kwargs
+from titlegen.model.lora import LoraSettings, adapter_off, attach_lora, cast_adapter, load_adapter, unwrap
+from titlegen.model.loss import response_loss
+from titlegen.model.merge import merge_into_dense
+from titlegen.model.schedule import ScheduleSettings, build_scheduler
 
 
 class TitleGenModule(L.LightningModule):
@@ -37,17 +40,17 @@ class TitleGenModule(L.LightningModule):
             to TensorBoard and a report in the run directory): ``standalone`` in the validate/test commands,
             ``always`` at every validation during fit too (slow), ``off`` never.
         merge_for_predict: In ``predict``, dequantize the 4-bit base once and fold the adapter into it
-            (bf16 on GPU): the same function without per-step dequantization; Llama-3-8B at batch 1,024 on an
-            H100: 1.6x the titles/s for 1.3x the memory of NF4.
+            (bf16 on GPU): the same function without per-step dequantization, faster for more memory (README:
+            the figures).
     """
 
-    def __init__(self, backbone: bb.BackboneConfig, lora: bb.LoraSettings | None = None,
+    def __init__(self, backbone: bb.BackboneConfig, lora: LoraSettings | None = None,
                  optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings | None = None,
                  generation: GenerationSettings | None = None, adapter_path: str | None = None,
                  loss_chunk_tokens: int = 1024, merge_for_predict: bool = False,
                  eval_generation: Literal["standalone", "always", "off"] = "standalone") -> None:
         super().__init__()
-        self.backbone_cfg, self.lora = backbone, lora or bb.LoraSettings()
+        self.backbone_cfg, self.lora = backbone, lora or LoraSettings()
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
         self.schedule = scheduler or ScheduleSettings()
         self.generation = generation or GenerationSettings()
@@ -68,9 +71,9 @@ class TitleGenModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         base = bb.load_base_model(self.backbone_cfg, device)
         if self.adapter_path:
-            self.model = bb.load_adapter(base, self.adapter_path)
+            self.model = load_adapter(base, self.adapter_path)
         else:
-            self.model = bb.attach_lora(base, self.lora)
+            self.model = attach_lora(base, self.lora)
         self.model.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
         self.tokenizer = bb.load_tokenizer(self.backbone_cfg.name_or_path)
         self._decoder = bb.split_decoder(self.model)
@@ -83,10 +86,10 @@ class TitleGenModule(L.LightningModule):
         if self.device.type == "cuda" and not self.merge_for_predict:
             # bf16 adapter weights: PEFT would otherwise cast every layer input up to fp32 (and autocast back)
             # at every decoding step; the matmuls run in bf16 under autocast either way.
-            bb.cast_adapter(self.model, torch.bfloat16)
-        if self.merge_for_predict and hasattr(self.model, "get_base_model"):
+            cast_adapter(self.model, torch.bfloat16)
+        if self.merge_for_predict and unwrap(self.model) is not self.model:
             dtype = torch.bfloat16 if self.device.type == "cuda" else None
-            self.model = bb.merge_into_dense(self.model, dtype=dtype).eval()
+            self.model = merge_into_dense(self.model, dtype=dtype).eval()
             self._decoder = bb.split_decoder(self.model)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -97,9 +100,7 @@ class TitleGenModule(L.LightningModule):
 
     def adapter_scope(self):
         """A context in which the LoRA adapter is on (default) or off (the untuned base)."""
-        if self.use_adapter or not hasattr(self.model, "disable_adapter"):
-            return contextlib.nullcontext()
-        return self.model.disable_adapter()
+        return adapter_off(self.model, off=not self.use_adapter)
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response-token loss and token count of a batch."""
@@ -108,9 +109,9 @@ class TitleGenModule(L.LightningModule):
 
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "cu_seq_lens" in batch:  # packed: boundaries go to the attention, no mask is built
-            if self.backbone_cfg.attn_implementation != ATTENTION_NAME:
+            if self.backbone_cfg.attn_implementation != PACKED_ATTENTION:
                 # Any other attention would let packed examples see each other, silently.
-                raise TitlegenError(f"data.packing needs model.backbone.attn_implementation: {ATTENTION_NAME}")
+                raise TitlegenError(f"data.packing needs model.backbone.attn_implementation: {PACKED_ATTENTION}")
             kwargs = packed_forward_kwargs(batch)
         else:
             mask = batch.get("attention_mask")
@@ -179,10 +180,10 @@ class TitleGenModule(L.LightningModule):
         dm = self.trainer.datamodule
         if self.global_rank != 0 or dm is None or self.logger is None or not hasattr(self.logger.experiment, "add_text"):
             return
-        rows = dm.sample_rows()
+        rows = sample_rows(dm)
         if not rows:
             return
-        batch = {k: v.to(self.device) for k, v in dm.sample_batch([r["title"] for r in rows]).items()}
+        batch = {k: v.to(self.device) for k, v in sample_batch(dm, [r["title"] for r in rows]).items()}
         outputs = generate(self.model, self.tokenizer, batch, self.generation)
         lines = ["| title | generated | reference |", "|---|---|---|"]
         for row, out in zip(rows, outputs):

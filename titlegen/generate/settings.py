@@ -1,0 +1,44 @@
+"""Decoding settings: one dataclass, documented for ``--help``, shared by validation samples, predict and
+evaluate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Engine = Literal["auto", "titlegen", "hf"]
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings.
+
+    Attributes:
+        max_new_tokens: Longest description, in tokens.
+        min_new_tokens: Suppress EOS before this many tokens (benchmarks use it to make every row run to the end).
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature (with ``do_sample``).
+        top_p: Nucleus sampling mass (with ``do_sample``).
+        top_k: Sample among the k most likely tokens; 0 turns it off (with ``do_sample``).
+        repetition_penalty: >1 discourages tokens already generated.
+        no_repeat_ngram_size: Never repeat an n-gram of this many tokens (0: off). Small models loop under
+            greedy decoding; 3 stops that without hurting the text.
+        engine: ``titlegen`` (our decoding loop, :mod:`titlegen.generate.loop`: much faster on a GPU, and for
+            long outputs in big batches anywhere, as finished rows leave the batch), ``hf`` (transformers'
+            ``generate``: a little faster per step on a few CPU cores at small batches), or ``auto``: titlegen on
+            a GPU, hf elsewhere. Models whose attention cannot be swapped always use ``hf``. README: the figures.
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+    engine: Engine = "auto"
+
+    def __post_init__(self) -> None:
+        if self.engine not in get_args(Engine):
+            raise ValueError(f"generation.engine must be one of {get_args(Engine)}, got {self.engine!r}")
