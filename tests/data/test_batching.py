@@ -72,10 +72,11 @@ def test_schedule_warmup_then_decay():
 
 
 def test_predict_token_budget_batches():
-    from titlegen.data.predict_csv import budget_batches
+    from titlegen.data.batching import cut_batches
 
-    items = [(i, [7] * n) for i, n in enumerate([10, 9, 8, 5, 5, 5, 5, 2, 2, 2, 2, 2])]
-    batches = budget_batches(items, rows=4, max_tokens=20)
-    assert [[i for i, _ in b] for b in batches] == [[0, 1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert all(len(b) * len(b[0][1]) <= 20 for b in batches)
-    assert [len(b) for b in budget_batches(items, rows=5, max_tokens=None)] == [5, 5, 2]
+    lengths = [10, 9, 8, 5, 5, 5, 5, 2, 2, 2, 2, 2]
+    order = list(range(len(lengths)))
+    batches = cut_batches(order, lengths, max_rows=4, max_tokens=20)
+    assert batches == [[0, 1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert all(len(b) * lengths[b[0]] <= 20 for b in batches)
+    assert [len(b) for b in cut_batches(order, lengths, max_rows=5)] == [5, 5, 2]

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
+
+
+def cut_batches(order: Sequence[int], lengths: Sequence[int] | Mapping[int, int], max_rows: int | None = None,
+                max_tokens: int | None = None, packed: bool = False) -> list[list[int]]:
+    """Cut ``order`` into consecutive batches of at most ``max_rows`` examples whose cost stays within
+    ``max_tokens``: the sum of lengths when ``packed``, else rows x longest row (the padded size). An example
+    alone over the budget forms a batch of its own."""
+    out: list[list[int]] = []
+    batch: list[int] = []
+    total = longest = 0
+    for i in order:
+        n = lengths[i]
+        cost = total + n if packed else (len(batch) + 1) * max(longest, n)
+        full = max_rows is not None and len(batch) >= max_rows
+        if batch and (full or (max_tokens is not None and cost > max_tokens)):
+            out.append(batch)
+            batch, total, longest = [], 0, 0
+        batch.append(i)
+        total, longest = total + n, max(longest, n)
+    return out + ([batch] if batch else [])
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -34,19 +54,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def _cut(self, order: list[int]) -> list[list[int]]:
         if self.max_tokens is None:
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        out: list[list[int]] = []
-        batch: list[int] = []
-        total = longest = 0
-        for i in order:
-            n = self.lengths[i]
-            cost = total + n if self.packed else (len(batch) + 1) * max(longest, n)
-            if batch and cost > self.max_tokens:
-                out.append(batch)
-                batch, total, longest = [], 0, 0
-            batch.append(i)
-            total, longest = total + n, max(longest, n)
-        return out + ([batch] if batch else [])
+            return cut_batches(order, self.lengths, max_rows=self.batch_size)
+        return cut_batches(order, self.lengths, max_tokens=self.max_tokens, packed=self.packed)
 
     def batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from titlegen.data.batching import cut_batches
 from titlegen.data.cleaning import clean_text
 from titlegen.data.encoding import Encoder, collate_prompts
-from titlegen.errors import TitlegenError
 from titlegen.data.records import BadLines, check_readable, iter_csv_rows
+from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")
 
@@ -34,9 +35,10 @@ class PredictInput:
         error shows up at once), of at most ``batch_size`` rows and, with ``max_tokens``, at most that many
         rows x longest prompt. Rows with an empty title and rows in ``skip`` get no batch."""
         todo = [i for i, t in enumerate(self.titles) if t and i not in skip]
-        prompts = encoder.prompt_ids([self.titles[i] for i in todo]) if todo else []
-        items = sorted(zip(todo, prompts), key=lambda item: -len(item[1]))
-        batches = budget_batches(items, batch_size, max_tokens)
+        prompts = dict(zip(todo, encoder.prompt_ids([self.titles[i] for i in todo]) if todo else []))
+        lengths = {i: len(p) for i, p in prompts.items()}
+        order = sorted(todo, key=lambda i: -lengths[i])
+        batches = [[(i, prompts[i]) for i in b] for b in cut_batches(order, lengths, batch_size, max_tokens)]
 
         def collate(batch: list[tuple[int, list[int]]]) -> dict:
             out = collate_prompts([p for _, p in batch], encoder.pad_id)
@@ -44,18 +46,6 @@ class PredictInput:
             return out
 
         return DataLoader(batches, batch_size=None, collate_fn=collate)
-
-
-def budget_batches(items: list[tuple[int, list[int]]], rows: int, max_tokens: int | None) -> list[list]:
-    """Cut longest-first ``items`` into batches; the first item of a batch is its longest."""
-    batches: list[list] = []
-    for item in items:
-        if batches and len(batches[-1]) < rows and (
-                max_tokens is None or (len(batches[-1]) + 1) * len(batches[-1][0][1]) <= max_tokens):
-            batches[-1].append(item)
-        else:
-            batches.append([item])
-    return batches
 
 
 def read_predict_csv(path: str | Path) -> PredictInput:
