@@ -8,67 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from titlegen.cli import main
-
-from ..conftest import FIXTURE_ROWS, write_jsonl
+from tests.helpers import FIXTURE_ROWS, run, scalars, tiny_config, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_config(tmp: Path, model_dir: Path, data: Path, **data_overrides) -> Path:
-    """A config over base.yaml: tiny model, fixture data, short run, everything under ``tmp``."""
-    cfg = {
-        "trainer": {"max_steps": 6, "max_epochs": 10, "val_check_interval": 3, "check_val_every_n_epoch": None,
-                    "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp / "runs")},
-        "model": {"backbone": {"name_or_path": str(model_dir), "gradient_checkpointing": False},
-                  "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
-                  "optimizer": {"class_path": "bitsandbytes.optim.AdamW8bit",
-                                "init_args": {"lr": 5e-3, "min_8bit_size": 16}},
-                  "generation": {"max_new_tokens": 6}},
-        "data": {"path": str(data), "batch_size": 4, "val_fraction": 0.25, "num_val_samples": 2,
-                 "cache_dir": str(tmp / "cache"), "prompt": {"template": "### Instruction: Describe the title. "
-                                                                         "{title} ### Response:"},
-                 **data_overrides},
-    }
-    path = tmp / "tiny.yaml"
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
-
-
-class CrashAt(L.Callback):
-    """Kills a run the hard way (an exception mid-training) when it is about to start step ``step + 1``."""
-
-    def __init__(self, step: int = 3) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def run(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 @pytest.fixture
@@ -84,7 +29,7 @@ def test_fit_resume_predict(setup):
     full = tmp / "full" / "version_0"
     # The same run killed after step 3 (its checkpoint), then resumed from that checkpoint.
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.e2e.test_cli.CrashAt")
+        run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.CrashAt")
     part = tmp / "runs" / "version_0"
     ckpt = part / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=False)
@@ -217,7 +162,6 @@ def test_ddp_two_processes_on_cpu(setup):
 
 
 def test_validate_reports_generation_metrics(setup):
-    import json
 
     tmp, cfg = setup
     assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
@@ -227,7 +171,7 @@ def test_validate_reports_generation_metrics(setup):
     report = json.loads((report_dir / "report.json").read_text())
     rows = list(csv.DictReader((report_dir / "generations.csv").open(encoding="utf-8")))
     assert report["rows"] == len(rows) > 0
-    assert report["eos_stop_rate"] == sum(r["stopped"] == "True" for r in rows) / len(rows)
+    assert report["eos_stop_rate"] == sum(r["generated_stopped"] == "True" for r in rows) / len(rows)
     for key in ("rougeL", "bleu", "chrf", "distinct_2", "length_ratio", "loop_rate", "val/loss", "val/ppl"):
         assert key in report
     logged = scalars(report_dir.parent, "val/gen/rougeL")

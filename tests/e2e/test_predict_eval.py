@@ -6,27 +6,12 @@ import csv
 import json
 import re
 
-import lightning as L
 import pytest
 
-from titlegen.eval.metrics import has_loop, paired_bootstrap
-
-from ..conftest import FIXTURE_ROWS, write_jsonl
-from .test_cli import run, tiny_config
+from tests.helpers import FIXTURE_ROWS, run, tiny_config, write_jsonl
 
 TITLES = ['Mug, "Camp" 12 oz', "Café Table\nRound", "Wool Socks", "", "Garden Hose 50 ft", "LED Desk Lamp",
           "Bamboo Cutting Board", "Señor Frog Plush", "Travel Pillow", "12-Pack AA Batteries"]
-
-
-class CrashAfterBatches(L.Callback):
-    """Kills a predict run (an exception) once ``n`` batches are done."""
-
-    def __init__(self, n: int = 2) -> None:
-        self.n = n
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx + 1 == self.n:
-            raise KeyboardInterrupt  # what Ctrl-C raises
 
 
 @pytest.fixture
@@ -47,7 +32,7 @@ def test_interrupted_predict_resumes_to_the_same_rows(trained):
     common = ["--config", str(cfg), "--ckpt_path", str(adapter), "--data.predict_path", str(titles)]
     assert run("predict", *common, "--output", str(tmp / "full.csv")) == 0
     out = tmp / "resumed.csv"
-    run("predict", *common, "--output", str(out), "--trainer.callbacks+=tests.e2e.test_predict_eval.CrashAfterBatches")
+    run("predict", *common, "--output", str(out), "--trainer.callbacks+=tests.helpers.CrashAfterBatches")
     journal = tmp / "resumed.csv.partial.jsonl"
     assert not out.exists() and journal.is_file()  # nothing half-written; the work done so far is kept
     done_before = len(journal.read_text().splitlines()) - 1
@@ -86,7 +71,7 @@ def test_evaluate_reports_both_systems_and_rouge_l_agrees(trained):
     report = json.loads((tmp / "eval" / "report.json").read_text())
     assert set(report["systems"]) == {"base", "fine-tuned"} and report["rows"] == 7  # one has no content
     md = (tmp / "eval" / "report.md").read_text()
-    assert "| rougeL |" in md and "### Stainless Steel Water Bottle" in md and "**fine-tuned**" in md
+    assert "| rougeL |" in md and "**title**: Stainless Steel Water Bottle" in md and "**fine-tuned**" in md
     gens = list(csv.DictReader((tmp / "eval" / "generations.csv").open(encoding="utf-8")))
     for name in ("base", "fine-tuned"):
         independent = sum(_rouge_l(g[name], g["reference"]) for g in gens) / len(gens)
@@ -94,33 +79,3 @@ def test_evaluate_reports_both_systems_and_rouge_l_agrees(trained):
         for key in ("rouge1", "rouge2", "bleu", "chrf", "eos_stop_rate", "loop_rate", "distinct_2",
                     "length_ratio", "loss", "ppl"):
             assert key in report["systems"][name]
-
-
-def test_loop_detection_and_bootstrap():
-    assert has_loop("the best mug ever the best mug ever the best mug ever")
-    assert not has_loop("the best mug ever, truly the best mug")
-    same = paired_bootstrap([0.1, 0.2, 0.3], [0.1, 0.2, 0.3])
-    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
-    better = paired_bootstrap([0.1] * 50, [0.2] * 50)
-    assert better["low"] == pytest.approx(0.1) and better["high"] == pytest.approx(0.1)
-
-
-def test_progress_bar_shows_titles_per_second():
-    from types import SimpleNamespace
-
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
-    from titlegen.generate.writer import show_rate
-
-    from rich.progress import Progress
-
-    rich = RichProgressBar()
-    rich.progress = Progress(disable=True)
-    rich.predict_progress_bar_id = rich.progress.add_task("Predicting", total=3)
-    show_rate(SimpleNamespace(progress_bar_callback=rich), 64, 12.5)
-    assert rich.progress.tasks[0].description == "Predicting (64 titles, 12.50 titles/s)"
-
-    tqdm_bar = TQDMProgressBar()
-    tqdm_bar.predict_progress_bar = tqdm_bar.init_predict_tqdm()
-    show_rate(SimpleNamespace(progress_bar_callback=tqdm_bar), 64, 12.5)
-    assert "12.50 titles/s" in tqdm_bar.predict_progress_bar.postfix

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -13,12 +12,12 @@ from torch.utils.data import DataLoader
 
 from titlegen.data.batching import LengthGroupedBatchSampler, ResumableDataLoader
 from titlegen.data.cache import SplitSettings, load_or_build
-from titlegen.data.encoding import Encoder, collate_prompts, collate_train
-from titlegen.errors import TitlegenError
+from titlegen.data.encoding import Encoder, collate_train
 from titlegen.data.packing import collate_packed
 from titlegen.data.predict_csv import PredictInput, read_predict_csv
 from titlegen.data.prompts import PromptTemplate, load_prompt
-from titlegen.data.records import check_readable, clean_records, iter_rows
+from titlegen.data.records import check_readable
+from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")
 
@@ -74,7 +73,7 @@ class TitleDataModule(L.LightningDataModule):
         self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
         self.packing = packing
         self.max_tokens, self.predict_max_tokens = max_tokens, predict_max_tokens
-        self.splits: dict = {}
+        self.splits: dict = {}  # split name -> datasets.Dataset (title, content, input_ids, labels, length)
         self.predict_input: PredictInput | None = None
         self.predict_skip: set[int] = set()  # rows a resumed predict already has
         self._encoder: Encoder | None = None
@@ -174,51 +173,3 @@ class TitleDataModule(L.LightningDataModule):
         assert self.predict_input is not None
         return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip,
                                          max_tokens=self.predict_max_tokens)
-
-    # ---- evaluate ------------------------------------------------------------------------------------------
-    def eval_rows(self) -> list[dict]:
-        """(title, content) rows to evaluate on, cleaned like training data, in file order."""
-        if self.eval_path:
-            stats: Counter = Counter()
-            records = clean_records(iter_rows(self.eval_path, stats, self.split.skip_bad_lines), stats)
-            rows = [{"title": r.title, "content": r.content} for r in records]
-        else:
-            self.setup("validate")
-            split = self.splits.get("test") or self.splits.get("val")
-            if split is None:
-                raise TitlegenError("evaluate: set data.eval_path, or give data.path a test or validation split")
-            rows = [{"title": t, "content": c} for t, c in zip(split["title"], split["content"])]
-        if not rows:
-            raise TitlegenError(f"{self.eval_path or self.path}: no usable rows to evaluate")
-        return rows
-
-    def eval_loaders(self, rows: list[dict]) -> tuple[DataLoader, DataLoader]:
-        """Left-padded prompts for generation, and encoded (prompt, reference) pairs for loss/perplexity."""
-        encoded = [e for e in self.encoder.encode([r["title"] for r in rows], [r["content"] for r in rows]) if e]
-        examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-        sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], self.eval_batch_size,
-                                            shuffle=False)
-        loss = DataLoader(examples, batch_sampler=sampler,
-                          collate_fn=partial(collate_train, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to))
-        return self.generation_loader(rows), loss
-
-    def split_rows(self, name: str) -> list[dict]:
-        """(title, content) rows of a processed split, in split order."""
-        split = self.splits.get(name)
-        return [] if split is None else [{"title": t, "content": c} for t, c in zip(split["title"], split["content"])]
-
-    def generation_loader(self, rows: list[dict]) -> DataLoader:
-        """Left-padded prompt batches of ``rows`` (each batch's ``row`` holds the row indices)."""
-        gen = PredictInput(Path(self.eval_path or self.path), ["title", "content"], rows, [r["title"] for r in rows])
-        return gen.loader(self.encoder, self.eval_batch_size, max_tokens=self.predict_max_tokens)
-
-    # ---- generation samples --------------------------------------------------------------------------------
-    def sample_rows(self) -> list[dict]:
-        """A few fixed validation rows (title, reference) whose generations are logged at each validation."""
-        val = self.splits.get("val")
-        if val is None or self.num_val_samples <= 0:
-            return []
-        return [{"title": r["title"], "content": r["content"]} for r in val.select(range(min(len(val), self.num_val_samples)))]
-
-    def sample_batch(self, titles: list[str]) -> dict:
-        return collate_prompts(self.encoder.prompt_ids(titles), self.encoder.pad_id)
