@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -26,7 +27,10 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     # val/loss and val/ppl come from torchmetrics sums that are already reduced across ranks.
     warnings.filterwarnings("ignore", message=r".*self.log\('(val|test)/.*sync_dist=True.*")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    # transformers reads these when it first configures its logger; it is imported later, lazily, at the edges.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # already imported (tests, a notebook): tell it directly
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()

@@ -1,10 +1,12 @@
 """scripts/sweep_summary.py: one JSON line from a run's TensorBoard events and its evaluate reports."""
 
 import json
+import runpy
+from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from scripts.sweep_summary import main
+main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "sweep_summary.py"))["main"]
 
 
 def _report(diff: tuple[float, float, float], max_new_tokens: int) -> dict:

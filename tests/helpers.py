@@ -1,0 +1,147 @@
+"""What the tests share: fixture rows and files, a tokenizer trained here, a tiny LoRA model, a tiny run
+configuration, the CLI run in-process, TensorBoard scalars, and callbacks that crash a run on purpose.
+
+Fixtures live in ``conftest.py``; everything else here (no test file imports another).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+# Hand-written rows with the real edge cases: entities, symbols, accents, edition notes, whitespace runs,
+# an empty content, a content equal to the title, an exact duplicate and one title with two descriptions.
+FIXTURE_ROWS = [
+    ("Stainless Steel Water Bottle, 32 oz", "Keeps drinks cold for 24 hours and hot for 12. Leak-proof lid."),
+    ("12-Pack AA Batteries", "Twelve alkaline AA batteries with a 10-year shelf life."),
+    ('Oak Shelf Bracket 3/4"', "Solid oak bracket for 3/4\" boards; screws included."),
+    ("AT&amp;T Cordless Phone", "DECT 6.0 phone with caller ID and a 1,000 ft range."),
+    ("Café Espresso Cups™ (Set of 4)", "Porcelain cups, 3 oz each, with saucers. Crème-colored glaze."),
+    ("The River at Night: A Novel", "A gripping story of four friends.--This text refers to thePaperbackedition."),
+    ("Garden Hose 50 ft", "Kink-resistant hose&#8217;s brass fittings\n\n   last   for years."),
+    ("Mystery Box", ""),
+    ("Blue Pen", "Blue Pen"),
+    ("Yoga Mat 6 mm", "Non-slip mat, 6 mm thick, with a carrying strap."),
+    ("Yoga Mat 6 mm", "Non-slip mat, 6 mm thick, with a carrying strap."),
+    ("Wool Socks, 3 Pairs", "Merino wool socks that keep feet warm and dry."),
+    ("Wool Socks, 3 Pairs", "Soft merino socks in three colors."),
+    ("Cast Iron Skillet 10 in", "Pre-seasoned skillet for stovetop, oven and campfire."),
+    ("LED Desk Lamp", "Dimmable lamp with five brightness levels and a USB port."),
+    ("Kids Rain Boots", "Waterproof rubber boots with easy pull-on handles."),
+    ("Bamboo Cutting Board", "Large reversible board with a juice groove."),
+    ("Silicone Baking Mat", "Non-stick mat that replaces parchment paper; oven safe to 480°F."),
+    ("History of Rome: Volume 1", "An accessible account of the early republic.--This text refers to the Hardcover edition."),
+    ("Señor Frog Plush Toy", "A soft 12-inch frog with a felt sombrero."),
+    ("Digital Meat Thermometer", "Reads in 3 seconds; backlit display; IP67 waterproof."),
+    ("Travel Pillow", "Memory foam neck pillow with a washable cover."),
+    ("Hiking Backpack 40L", "Lightweight pack with a rain cover and hip belt."),
+    ("Ceramic Planter Set", "Three white planters with drainage holes and trays."),
+]
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", encoding="utf-8") as fh:
+        for i, (title, content) in enumerate(rows):
+            fh.write(json.dumps({"uid": f"T{i:04d}", "title": title, "content": content}) + "\n")
+    return path
+
+
+def train_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer (any UTF-8 text encodes) that adds BOS, trained on the fixture text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [t for row in FIXTURE_ROWS for t in row] * 4 + ["### Instruction: Describe the title. ### Response:"] * 4
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def lora_model(model_dir: Path, quantization: str = "nf4", std: float = 0.05) -> torch.nn.Module:
+    """The tiny model with a LoRA adapter (r=4) whose B matrices are non-zero, so the adapter changes outputs."""
+    from titlegen.model import backbone as bb
+    from titlegen.model import lora
+
+    cfg = bb.BackboneConfig(name_or_path=str(model_dir), gradient_checkpointing=False, quantization=quantization)
+    torch.manual_seed(0)
+    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), lora.LoraSettings(r=4, alpha=8)).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+def tiny_config(tmp: Path, model_dir: Path, data: Path, **data_overrides) -> Path:
+    """A config over base.yaml: tiny model, fixture data, short run, everything under ``tmp``."""
+    cfg = {
+        "trainer": {"max_steps": 6, "max_epochs": 10, "val_check_interval": 3, "check_val_every_n_epoch": None,
+                    "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp / "runs")},
+        "model": {"backbone": {"name_or_path": str(model_dir), "gradient_checkpointing": False},
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+                  "optimizer": {"class_path": "bitsandbytes.optim.AdamW8bit",
+                                "init_args": {"lr": 5e-3, "min_8bit_size": 16}},
+                  "generation": {"max_new_tokens": 6}},
+        "data": {"path": str(data), "batch_size": 4, "val_fraction": 0.25, "num_val_samples": 2,
+                 "cache_dir": str(tmp / "cache"), "prompt": {"template": "### Instruction: Describe the title. "
+                                                                         "{title} ### Response:"},
+                 **data_overrides},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+class CrashAt(L.Callback):
+    """Kills a run the hard way (an exception mid-training) when it is about to start step ``step + 1``."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class CrashAfterBatches(L.Callback):
+    """Kills a predict run (an exception) once ``n`` batches are done."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.n = n
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx + 1 == self.n:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+
+
+def run(*args: str) -> int:
+    """The CLI in this process; its exit code."""
+    from titlegen.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
