@@ -6,8 +6,8 @@ import torch
 
 from tests.helpers import lora_model
 from titlegen.generate import loop as decoding
-from titlegen.generate.engines import hf_kwargs
-from titlegen.generate.rules import NoRepeatNGram, choose_tokens
+from titlegen.generate.engines import hf_kwargs, no_repeat_rule
+from titlegen.generate.rules import choose_tokens
 from titlegen.generate.settings import GenerationSettings
 
 
@@ -29,13 +29,13 @@ def _prompts(model, rows: int = 7, seed: int = 0):
 
 
 def _hf(model, ids, mask, settings, eos_id):
-    out = model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs(settings, eos_id, 0))
+    out = model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs(settings, eos_id, 0, ids.shape[1]))
     new = out[:, ids.shape[1]:]
     return torch.nn.functional.pad(new, (0, settings.max_new_tokens - new.shape[1]), value=0)
 
 
 def _ours(model, ids, mask, settings, eos_id):
-    rule = NoRepeatNGram(settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size else None
+    rule = no_repeat_rule(settings, ids.shape[1])
     return decoding.generate_fast(model, ids, mask, settings, eos_id, 0, rule)
 
 

@@ -5,8 +5,6 @@ import torch
 
 from tests.helpers import lora_model
 from titlegen.generate.rules import NoRepeatNGram
-from titlegen.model import backbone as bb
-from titlegen.model import lora
 from titlegen.model.merge import merge_into_dense
 
 
@@ -37,24 +35,20 @@ def test_merged_dense_model_computes_what_nf4_plus_adapter_computes(tiny_model_d
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_merge_script_writes_a_plain_transformers_model(tiny_model_dir, tmp_path):
-    import sys
+def test_first_hour_03_no_repeat_ngram_lets_the_description_repeat_the_title():
+    """A title trigram ("Crème Brûlée Torch") may be copied; a trigram the model already generated may not."""
+    from titlegen.generate.settings import GenerationSettings
 
-    from transformers import AutoModelForCausalLM
+    creme, brulee, torch_, a, b = 5, 6, 7, 8, 9
+    prompt = [1, creme, brulee, torch_, 2]
+    n = GenerationSettings().no_repeat_ngram_size  # the default setting
+    rule = NoRepeatNGram(n, start=len(prompt))
+    scores = torch.zeros(1, 12)
+    copying = torch.tensor([prompt + [creme, brulee]])
+    assert torch.isfinite(rule(copying, scores.clone())[0, torch_])  # "Crème Brûlée Torch" again: allowed
+    looping = torch.tensor([prompt + [a, b, creme, a, b]])
+    assert rule(looping, scores.clone())[0, creme] == float("-inf")  # its own "a b crème" again: banned
+    # transformers' rule bans the title's trigram: the reason titles came out misspelt.
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-    sys.path.insert(0, str(tiny_model_dir.parents[0]))
-    from scripts.merge_adapter import main as merge_main
-
-    model = lora_model(tiny_model_dir)
-    lora.save_adapter(model, tmp_path / "adapter")
-    bb.load_tokenizer(str(tiny_model_dir)).save_pretrained(str(tmp_path / "adapter"))
-    ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    assert merge_main(["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"),
-                       "--dtype", "float32"]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
-    assert getattr(merged.config, "quantization_config", None) is None
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
-    assert merge_main(["--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert NoRepeatNGramLogitsProcessor(n)(copying, scores.clone())[0, torch_] == float("-inf")

@@ -13,11 +13,17 @@ from titlegen.generate.settings import GenerationSettings
 from titlegen.model.attention import supports_fast_decoding
 
 
-def hf_kwargs(settings: GenerationSettings, eos_id: int, pad_id: int) -> dict:
+def no_repeat_rule(settings: GenerationSettings, prompt_width: int) -> NoRepeatNGram | None:
+    """The n-gram ban over generated tokens (the prompt's columns come first), or None when off."""
+    return NoRepeatNGram(settings.no_repeat_ngram_size, prompt_width) if settings.no_repeat_ngram_size else None
+
+
+def hf_kwargs(settings: GenerationSettings, eos_id: int, pad_id: int, prompt_width: int) -> dict:
     """Keyword arguments of transformers' ``generate`` for these settings (the same rules as our loop)."""
     from transformers import LogitsProcessorList
 
-    processors = LogitsProcessorList([NoRepeatNGram(settings.no_repeat_ngram_size)] if settings.no_repeat_ngram_size else [])
+    rule = no_repeat_rule(settings, prompt_width)
+    processors = LogitsProcessorList([rule] if rule else [])
     kwargs = dict(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
                   do_sample=settings.do_sample, eos_token_id=eos_id, pad_token_id=pad_id,
                   repetition_penalty=settings.repetition_penalty, logits_processor=processors, use_cache=True)
@@ -43,10 +49,9 @@ def generate(model: torch.nn.Module, tokenizer, batch: dict, settings: Generatio
     ids, mask = batch["input_ids"], batch["attention_mask"]
     ours = settings.engine == "titlegen" or (settings.engine == "auto" and ids.is_cuda)
     if ours and supports_fast_decoding(model):
-        no_repeat = NoRepeatNGram(settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size else None
-        new_ids = generate_fast(model, ids, mask, settings, eos_id, pad_id, no_repeat)
+        new_ids = generate_fast(model, ids, mask, settings, eos_id, pad_id, no_repeat_rule(settings, ids.shape[1]))
     else:
-        new_ids = model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs(settings, eos_id, pad_id))
+        new_ids = model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs(settings, eos_id, pad_id, ids.shape[1]))
         new_ids = new_ids[:, ids.shape[1]:]
     results = []
     for row in new_ids.tolist():
