@@ -45,8 +45,11 @@ def merge(args: argparse.Namespace) -> Path:
                             compute_dtype=args.dtype if device.type == "cuda" else "float32")
     bb.check_model_path(base)  # arguments first, the model after
     with staged_dir(out, replace=args.overwrite) as staged:
-        model = merge_into_dense(lora.load_adapter(bb.load_base_model(cfg, device), adapter),
-                                 dtype=getattr(torch, args.dtype))
+        dtype = getattr(torch, args.dtype)
+        model = merge_into_dense(lora.load_adapter(bb.load_base_model(cfg, device), adapter), dtype=dtype)
+        for param in model.parameters():  # norms and embeddings too: config.json then tells the truth
+            param.data = param.data.to(dtype)
+        model.config.dtype = dtype
         model.save_pretrained(str(staged), safe_serialization=True)
         bb.load_tokenizer(base).save_pretrained(str(staged))
         for extra in ("prompt.yaml", "config.yaml"):

@@ -4,6 +4,7 @@ the plain transformers model inside a PEFT wrapper. The only module that imports
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from titlegen.errors import TitlegenError
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapter settings (peft).
 
@@ -75,8 +76,23 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
 
 
 def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) into ``directory``."""
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) into ``directory``.
+
+    A local base model is recorded by its absolute path, so the adapter loads from any working directory
+    (PEFT's ``AutoPeftModelForCausalLM``, ``predict --ckpt_path ADAPTER`` without a config)."""
     model.save_pretrained(str(directory), safe_serialization=True)
+    config_file = Path(directory) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).exists():
+        config["base_model_name_or_path"] = str(Path(base).resolve())
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def adapter_base(adapter_dir: str | Path) -> str | None:
+    """The base model an exported adapter was trained on, as its ``adapter_config.json`` records it."""
+    return json.loads((check_adapter_dir(adapter_dir) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
 
 
 def cast_adapter(model: torch.nn.Module, dtype: torch.dtype) -> None:
