@@ -10,23 +10,36 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from titlegen.checks import check_config_files, check_output, check_settings
 from titlegen.data.datamodule import TitleDataModule
 from titlegen.errors import TitlegenError
 from titlegen.eval.compare import TitlegenTrainer
 from titlegen.generate.writer import CSVPredictionWriter
 from titlegen.model.callbacks import AdapterExport, ThroughputLogger
-from titlegen.model.lora import check_adapter_dir
+from titlegen.model.lora import adapter_base, check_adapter_dir
 from titlegen.model.module import TitleGenModule
 from titlegen.quiet import quiet_third_party
 
 BASE_CONFIG = Path(__file__).resolve().parent / "base.yaml"  # package data: installed with titlegen
+log = logging.getLogger("titlegen")
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "evaluate")
+CKPT_HELP = {
+    "fit": "Resume from this .ckpt (loop, optimizer and data position restored); 'last' picks the newest "
+           "last.ckpt under trainer.default_root_dir.",
+    "evaluate": "The fine-tuned weights: an exported adapter directory (its prompt.yaml is used too) or a .ckpt "
+                "file; 'last'/'best' look under trainer.default_root_dir.",
+    "other": "An exported adapter directory (its prompt.yaml is used too) or a .ckpt file; 'last'/'best' look "
+             "under trainer.default_root_dir. Without it the untuned base model answers.",
+}
 
 
 class TitlegenCLI(LightningCLI):
@@ -36,11 +49,31 @@ class TitlegenCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:  # Lightning's text knows nothing of adapter directories
+            if "--ckpt_path" in action.option_strings:
+                action.help = CKPT_HELP.get(subcommand, CKPT_HELP["other"])
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         # Say each value once: the data is tokenized with the model's own tokenizer.
         parser.link_arguments("model.backbone.name_or_path", "data.tokenizer")
         parser.add_argument("--output", type=str | None, default=None,
-                            help="predict: the CSV to write (input columns + description)")
+                            help="predict: the CSV to write (every input column + the generated description)")
+        parser.add_argument("--output_column", type=str | None, default=None,
+                            help="predict: name of the generated column (default: description, or "
+                                 "generated_description when the input has a description column)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="predict: replace an existing --output file (never the input itself)")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        check_settings(cfg)
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand != "fit" and ckpt and not cfg.model.backbone.name_or_path and Path(ckpt).is_dir():
+            # An adapter records its base: `predict --ckpt_path ADAPTER` needs no config to find it.
+            cfg.model.backbone.name_or_path = cfg.data.tokenizer = adapter_base(ckpt) or ""
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._get(self.config_init, "trainer", default={})
@@ -61,19 +94,21 @@ class TitlegenCLI(LightningCLI):
         """TensorBoard in <default_root_dir>/version_N/; a resumed fit continues in its checkpoint's run."""
         root = cfg.get("default_root_dir") or "checkpoints/run"
         version = None
-        if self.subcommand == "fit" and ckpt is not None and ckpt.parent.name == "checkpoints":
+        if self.subcommand == "fit" and ckpt is not None:
             run = ckpt.parent.parent
-            if run.parent.resolve() == Path(root).resolve() and run.name.startswith("version_"):
-                version = run.name
+            if ckpt.parent.name == "checkpoints" and run.parent.resolve() == Path(root).resolve():
+                version = run.name if run.name.startswith("version_") else None
+            else:
+                log.warning("resuming %s in a new run under %s (its own run is %s; pass --trainer.default_root_dir "
+                            "%s to continue there)", ckpt, root, run, run.parent)
         return TensorBoardLogger(save_dir=root, name="", version=version, default_hp_metric=False)
 
     def _prediction_writer(self) -> CSVPredictionWriter:
-        output = self.config_init["predict"].get("output")
-        if not output:
-            raise TitlegenError("predict needs --output FILE.csv")
         cfg = self.config["predict"]
+        output = check_output(cfg.get("output"), self.datamodule.predict_path, cfg.get("overwrite"))
         ident = {"model": cfg.model.as_dict(), "ckpt": cfg.get("ckpt_path"), "prompt": cfg.data.prompt.as_dict()}
-        return CSVPredictionWriter(output, hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest())
+        fingerprint = hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest()
+        return CSVPredictionWriter(output, fingerprint, cfg.get("output_column"))
 
     def _resolve_checkpoint(self, root: str) -> Path | None:
         """Turn ``--ckpt_path`` into an existing ``.ckpt`` file, or (not for fit) an adapter directory whose
@@ -110,18 +145,37 @@ def find_checkpoint(root: str, which: str) -> Path:
     raise TitlegenError(f"{root}: no {which} checkpoint found (looked in version_*/checkpoints/)")
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's time limit, a preempted VM) stops a run the way Ctrl-C does: predict keeps
+    its journal of finished rows, and the process ends instead of running to the end."""
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point; ``args`` lets tests run the CLI in-process."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("titlegen").setLevel(logging.INFO)
     quiet_third_party()
+    stop_on_sigterm()
     if not BASE_CONFIG.is_file():  # a broken install: without it every default would silently differ
         raise SystemExit(f"titlegen: error: {BASE_CONFIG} is missing from the installed package; reinstall titlegen")
-    defaults = {"default_config_files": [str(BASE_CONFIG)]}
+    # No abbreviations (--trainer.max_step is a typo, not max_steps); errors raised, not printed after the usage.
+    strict = {"allow_abbrev": False, "exit_on_error": False}
+    defaults = {"default_config_files": [str(BASE_CONFIG)], **strict}
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         TitlegenCLI(TitleGenModule, TitleDataModule, trainer_class=TitlegenTrainer,
-                    parser_kwargs={c: defaults for c in SUBCOMMANDS},
+                    parser_kwargs={"prog": "python -m titlegen", **strict, **{c: dict(defaults) for c in SUBCOMMANDS}},
                     auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
     except TitlegenError as err:
         print(f"titlegen: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ArgumentError as err:  # one line, not 80 lines of usage first
+        message = " ".join(str(err).split())
+        print(f"titlegen: error: {message} (python -m titlegen SUBCOMMAND --help lists the options)", file=sys.stderr)
         raise SystemExit(2) from None

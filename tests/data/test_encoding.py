@@ -95,3 +95,21 @@ def test_prompt_errors(tmp_path):
     (tmp_path / "prompt.yaml").write_text("template: 'x {title}'\ncolour: red\n")
     with pytest.raises(TitlegenError, match="unknown key"):
         load_prompt(tmp_path)
+
+
+def test_first_hour_09_a_huge_description_is_cut_before_tokenizing():
+    """A 50 MB line once peaked at 7 GB RSS: only the text that can be kept reaches the tokenizer."""
+    seen: list[int] = []
+
+    class Spy(MockTokenizer):
+        def __call__(self, texts, add_special_tokens=True):
+            seen.extend(len(t) for t in texts)
+            return super().__call__(texts, add_special_tokens)
+
+    enc = Encoder(Spy(), PromptTemplate(template="Title: {title} Answer:"), max_length=16)
+    huge = " ".join(f"w{i % 50}" for i in range(2_000_000))  # ~8 MB
+    [ex] = enc.encode(["Blue Pen"], [huge])
+    assert max(seen) <= 16 * 64
+    [full] = Encoder(MockTokenizer(), PromptTemplate(template="Title: {title} Answer:"), max_length=16).encode(
+        ["Blue Pen"], [" ".join(f"w{i % 50}" for i in range(40))])
+    assert ex.input_ids == full.input_ids and ex.labels == full.labels  # the kept ids are the same

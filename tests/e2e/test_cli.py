@@ -60,7 +60,7 @@ def test_fit_resume_predict(setup):
     titles.write_text('sku,title,note\n1,"Mug, ""Camp"" 12 oz",a\n2,,b\n3,"Café\nTable",c\n4,Wool Socks,d\n',
                       encoding="utf-8")
     for source in (str(full / "checkpoints" / "last.ckpt"), str(adapter)):
-        out = tmp / "out.csv"
+        out = tmp / f"out-{Path(source).name}.csv"  # a new file each time: an existing one needs --overwrite
         assert run("predict", "--config", str(cfg), "--ckpt_path", source, "--data.predict_path", str(titles),
                    "--output", str(out)) == 0
         rows = list(csv.DictReader(out.open(encoding="utf-8")))
@@ -68,7 +68,7 @@ def test_fit_resume_predict(setup):
         assert rows[0]["title"] == 'Mug, "Camp" 12 oz' and rows[2]["title"] == "Café\nTable"
         assert [r["note"] for r in rows] == ["a", "b", "c", "d"]
         assert rows[1]["description"] == "" and all(rows[i]["description"] for i in (0, 2, 3))
-        assert not list(tmp.glob("out.csv.*"))  # no journal or temp file left behind
+        assert not list(tmp.glob(f"{out.name}.*"))  # no journal or temp file left behind
 
 
 def _tensor_tags(run_dir: Path) -> list[str]:

@@ -94,6 +94,9 @@ def build(path: Path, split: SplitSettings, encoder: Encoder, target: Path) -> C
         for name, ds in tokenized.items():
             stats["dropped_prompt_too_long"] += len(ds) - sum(ds["keep"])
         tokenized = tokenized.filter(lambda k: k, input_columns="keep").remove_columns("keep")
+        if len(tokenized["train"]) == 0:  # training would end at once with "no training batches" and exit 0
+            raise TitlegenError(f"{path}: no training example fits data.max_length {encoder.max_length}: every "
+                                "prompt alone is that long; raise data.max_length or shorten data.prompt.template")
         tokenized.save_to_disk(str(staged))
         (staged / "stats.json").write_text(json.dumps(dict(stats), indent=1))
     return stats

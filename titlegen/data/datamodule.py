@@ -22,6 +22,19 @@ from titlegen.errors import TitlegenError
 log = logging.getLogger("titlegen")
 
 
+def check_settings(val_fraction: float, test_fraction: float, num_val_samples: int, **sizes: int | None) -> None:
+    """One clear line for a setting that cannot work, before anything is loaded."""
+    if not 0 <= val_fraction + test_fraction < 1 or min(val_fraction, test_fraction) < 0:
+        raise TitlegenError(f"data.val_fraction ({val_fraction}) + data.test_fraction ({test_fraction}): each >= 0 "
+                            "and together below 1")
+    if num_val_samples < 0:
+        raise TitlegenError(f"data.num_val_samples: got {num_val_samples}, expected >= 0")
+    least = {"max_length": 2}  # a prompt token and the EOS at the very least
+    for name, value in sizes.items():
+        if value is not None and value < least.get(name, 1):
+            raise TitlegenError(f"data.{name}: got {value}, expected an integer >= {least.get(name, 1)}")
+
+
 class TitleDataModule(L.LightningDataModule):
     """Product titles and descriptions, from a JSON Lines / .json.gz / CSV file, ready for a causal LM.
 
@@ -55,17 +68,18 @@ class TitleDataModule(L.LightningDataModule):
 
     def __init__(self, path: str = "", predict_path: str | None = None, eval_path: str | None = None,
                  tokenizer: str = "",
-                 prompt: PromptTemplate | None = None, max_length: int = 512, batch_size: int = 8,
+                 prompt: PromptTemplate = PromptTemplate(), max_length: int = 512, batch_size: int = 8,
                  eval_batch_size: int | None = None, max_records: int | None = None, seed: int = 0,
                  val_fraction: float = 0.05, test_fraction: float = 0.0, group_by_length: bool = True,
                  num_val_samples: int = 4, skip_bad_lines: bool = False, num_workers: int = 0,
                  cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8, packing: bool = False,
                  max_tokens: int | None = None, predict_max_tokens: int | None = None) -> None:
         super().__init__()
-        if not 0 <= val_fraction + test_fraction < 1:
-            raise TitlegenError("data.val_fraction + data.test_fraction must be in [0, 1)")
+        check_settings(val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length,
+                       batch_size=batch_size, eval_batch_size=eval_batch_size, max_records=max_records,
+                       max_tokens=max_tokens, predict_max_tokens=predict_max_tokens, num_val_samples=num_val_samples)
         self.path, self.predict_path, self.eval_path, self.tokenizer_name = path, predict_path, eval_path, tokenizer
-        self.prompt = prompt or PromptTemplate()
+        self.prompt = prompt
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.split = SplitSettings(max_records, seed, val_fraction, test_fraction, skip_bad_lines)

@@ -12,6 +12,7 @@ import torch
 from titlegen.data.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
+MAX_CHARS_PER_TOKEN = 64  # generous: BPE tokens of real text average ~4 characters
 
 
 @dataclass
@@ -55,7 +56,10 @@ class Encoder:
         return self.tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
 
     def response_ids(self, contents: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(contents), add_special_tokens=False)["input_ids"]
+        # Only the first max_length tokens can be kept: cut the text first, so a 50 MB description costs what a
+        # long one does (tokenizing it whole peaked at 7 GB). No token is that long, so the kept ids are the same.
+        limit = self.max_length * MAX_CHARS_PER_TOKEN
+        return self.tokenizer([c[:limit] for c in contents], add_special_tokens=False)["input_ids"]
 
     def encode(self, titles: Sequence[str], contents: Sequence[str]) -> list[Encoded | None]:
         prompts, responses = self.prompt_ids(titles), self.response_ids(contents)

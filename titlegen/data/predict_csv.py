@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from titlegen.data.batching import cut_batches
 from titlegen.data.cleaning import clean_text
 from titlegen.data.encoding import Encoder, collate_prompts
-from titlegen.data.records import BadLines, check_readable, iter_csv_rows
+from titlegen.data.records import BadLines, check_readable, iter_csv_lists
 from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")
@@ -22,11 +22,11 @@ log = logging.getLogger("titlegen")
 
 @dataclass
 class PredictInput:
-    """The rows of a predict CSV, in file order, with their cleaned titles."""
+    """The rows of a predict CSV, in file order, every field kept (columns may repeat), with cleaned titles."""
 
     path: Path
     header: list[str]
-    rows: list[dict[str, str]]
+    rows: list[list[str]]
     titles: list[str]
 
     def loader(self, encoder: Encoder, batch_size: int, skip: Collection[int] = (),
@@ -53,13 +53,14 @@ def read_predict_csv(path: str | Path) -> PredictInput:
     path = check_readable(path)
     if path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1] != "csv":
         raise TitlegenError(f"{path}: predict reads a CSV file with a 'title' column")
-    rows = [row for _, row in iter_csv_rows(path, BadLines(False, Counter()), required=("title",))]
-    if not rows:
+    table = [(header, fields) for _, header, fields in iter_csv_lists(path, BadLines(False, Counter()), ("title",))]
+    if not table:
         raise TitlegenError(f"{path}: no rows under the header (expected one title per row)")
-    titles = [clean_text(r["title"]) for r in rows]
+    header, rows = table[0][0], [fields for _, fields in table]
+    title = header.index("title")
+    titles = [clean_text(r[title]) for r in rows]
     empty = [i for i, t in enumerate(titles) if not t]
     if empty:
         log.warning("%s: %d row(s) with an empty title get an empty description (first at data row %d)",
                     path, len(empty), empty[0] + 1)
-    header = list(rows[0].keys())
     return PredictInput(path=path, header=header, rows=rows, titles=titles)

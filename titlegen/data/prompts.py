@@ -18,7 +18,7 @@ ALPACA = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptTemplate:
     """How a title becomes the model's input.
 

@@ -13,6 +13,7 @@ import heapq
 import io
 import json
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -75,50 +76,86 @@ class BadLines:
             log.warning("skipped bad line %s: %s", where, problem)
 
 
+def _gzip_error(path: Path, line: int, err: Exception) -> TitlegenError:
+    """One line for a broken compressed file, instead of a traceback from deep inside gzip."""
+    if isinstance(err, EOFError):
+        return TitlegenError(f"{path}:{line}: the gzip data ends early (an interrupted download?); "
+                             "expected a complete .gz file")
+    return TitlegenError(f"{path}: not readable as gzip ({err}); expected a file written by gzip")
+
+
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    number = 0
+    try:
+        with _open_binary(path) as fh:
+            for number, raw in enumerate(fh, start=1):
+                yield number, raw
+    except GZIP_ERRORS as err:
+        raise _gzip_error(path, number + 1, err) from None
+
+
 def iter_json_lines(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSON Lines file."""
-    with _open_binary(path) as fh:
-        for number, raw in enumerate(fh, start=1):
-            where = f"{path}:{number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad.report(where, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                bad.report(where, f"not valid JSON ({err.msg} at column {err.colno}); expected one object per line")
-                continue
-            if not isinstance(obj, dict):
-                bad.report(where, f"expected a JSON object with 'title' and 'content', got {type(obj).__name__}")
-                continue
-            yield number, obj
-
-
-def iter_csv_rows(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, row dict) for each CSV row; the header must name every ``required`` column."""
-    with _open_binary(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.DictReader(text)
+    for number, raw in _numbered_lines(path):
+        where = f"{path}:{number}"
         try:
-            header = reader.fieldnames or []
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise TitlegenError(f"{path}:1: CSV header lacks column(s) {', '.join(map(repr, missing))} "
-                                    f"(found {', '.join(map(repr, header)) or 'no header'})")
-            for row in reader:
-                if None in row:  # more fields than the header names
-                    bad.report(f"{path}:{reader.line_num}", f"{len(header) + len(row[None])} fields, header has "
-                               f"{len(header)}")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad.report(where, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            bad.report(where, f"not valid JSON ({err.msg} at column {err.colno}); expected one object per line")
+            continue
+        if not isinstance(obj, dict):
+            bad.report(where, f"expected a JSON object with 'title' and 'content', got {type(obj).__name__}")
+            continue
+        yield number, obj
+
+
+def iter_csv_lists(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iterator[tuple[int, list[str], list[str]]]:
+    """Yield (line number, header, fields) for each CSV row, fields padded to the header's width. The header
+    must name every ``required`` column exactly once; any other column may repeat (it is kept, not merged)."""
+    with _open_binary(path) as raw:
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))
+        try:
+            header = next(reader, [])
+            _check_header(path, header, required)
+            for fields in reader:
+                if not fields:
                     continue
-                yield reader.line_num, row
+                if len(fields) > len(header):
+                    bad.report(f"{path}:{reader.line_num}", f"{len(fields)} fields, header has {len(header)}")
+                    continue
+                yield reader.line_num, header, fields + [""] * (len(header) - len(fields))
         except UnicodeDecodeError as err:
             raise TitlegenError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({err.reason})") from None
         except csv.Error as err:
             raise TitlegenError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        except GZIP_ERRORS as err:
+            raise _gzip_error(path, reader.line_num + 1, err) from None
+
+
+def _check_header(path: Path, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise TitlegenError(f"{path}:1: CSV header lacks column(s) {', '.join(map(repr, missing))} "
+                            f"(found {', '.join(map(repr, header)) or 'no header'})")
+    twice = [c for c in required if header.count(c) > 1]
+    if twice:
+        raise TitlegenError(f"{path}:1: CSV header names {', '.join(map(repr, twice))} more than once")
+
+
+def iter_csv_rows(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, row dict) for each CSV row; the header must name every ``required`` column."""
+    for number, header, fields in iter_csv_lists(path, bad, required):
+        yield number, dict(zip(header, fields))
 
 
 def _text_field(obj: dict, key: str, where: str, bad: BadLines) -> str | None:

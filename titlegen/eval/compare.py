@@ -42,7 +42,7 @@ def run_evaluation(trainer: L.Trainer, model, dm, ckpt_path: str | None, report_
         raise TitlegenError("evaluate needs --ckpt_path (a .ckpt file or an exported adapter directory)")
     if ckpt_path is not None:  # the checkpoint's prompt, as predict would use it
         dm.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False).get(type(dm).__qualname__, {}))
-    rows = eval_rows(dm)
+    rows, source = eval_rows(dm)
     gen_loader, losses_loader = generation_loader(dm, rows), loss_loader(dm, rows)
     results = {}
     model.eval_generation = "off"  # the validate calls below are for the loss only; generation happens here
@@ -55,12 +55,16 @@ def run_evaluation(trainer: L.Trainer, model, dm, ckpt_path: str | None, report_
                          "loss": losses["val/loss"], "ppl": losses["val/ppl"]}
     model.use_adapter = True
     report = build_report(rows, results, model.generation)
+    report.update(adapter=str(Path(ckpt_path or model.adapter_path).resolve()), source=source)
     target = Path(report_dir) if report_dir else default_report_dir(ckpt_path or model.adapter_path)
     d = report["rougeL_finetuned_minus_base"]
     gain = (f"ROUGE-L fine-tuned minus base: {d['mean']:+.4f} (paired bootstrap 95% interval "
             f"[{d['low']:+.4f}, {d['high']:+.4f}])")
+    notes = [gain, "", f"Fine-tuned: `{report['adapter']}`.", f"Rows: {len(rows)} from `{source['path']}`"
+             + (f" ({source['split']} split)" if "split" in source else
+                f" ({source['read']} read; dropped: {source['dropped'] or 'none'})") + "."]
     write_report(target, f"titlegen evaluation: {len(rows)} rows", report, report["systems"], rows,
-                 {n: r["outputs"] for n, r in results.items()}, [gain], num_examples)
+                 {n: r["outputs"] for n, r in results.items()}, notes, num_examples)
     print(f"\n{summary(report['systems'])}\n{gain}\nreport: {target}/report.md")
     return report
 

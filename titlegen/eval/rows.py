@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from titlegen.data.batching import LengthGroupedBatchSampler
 from titlegen.data.encoding import collate_prompts, collate_train
 from titlegen.data.predict_csv import PredictInput
-from titlegen.data.records import clean_records, iter_rows
+from titlegen.data.records import clean_records, iter_rows, sample_records
 from titlegen.errors import TitlegenError
 
 if TYPE_CHECKING:
@@ -36,26 +36,34 @@ def split_rows(dm: TitleDataModule, name: str) -> list[Row]:
     return [] if split is None else _rows(split)
 
 
-def eval_rows(dm: TitleDataModule) -> list[Row]:
-    """The rows ``evaluate`` scores: ``data.eval_path`` (cleaned like training data, file order), else the test
-    split of ``data.path``, else its validation split."""
+def eval_rows(dm: TitleDataModule) -> tuple[list[Row], dict]:
+    """The rows ``evaluate`` scores and where they came from: ``data.eval_path`` (cleaned like training data, file
+    order; a seeded sample of ``data.max_records`` of them when set), else the test split of ``data.path``, else
+    its validation split. The second value names the source and counts the rows dropped on the way."""
     if dm.eval_path:
         stats: Counter = Counter()
         records = clean_records(iter_rows(dm.eval_path, stats, dm.split.skip_bad_lines), stats)
+        if dm.split.max_records is not None:  # the same seeded uniform sample as for training data
+            records = sample_records(records, dm.split.max_records, dm.split.seed, stats)
         rows = [{"title": r.title, "content": r.content} for r in records]
+        dropped = {k.removeprefix("dropped_"): v for k, v in stats.items() if k.startswith("dropped_") and v}
+        source = {"path": str(Path(dm.eval_path).resolve()), "read": stats["read"], "dropped": dropped}
     else:
         dm.setup("validate")
-        rows = split_rows(dm, "test" if "test" in dm.splits else "val")
-        if "test" not in dm.splits and "val" not in dm.splits:
+        name = "test" if "test" in dm.splits else "val"
+        if name not in dm.splits:
             raise TitlegenError("evaluate: set data.eval_path, or give data.path a test or validation split")
+        rows = split_rows(dm, name)
+        source = {"path": str(Path(dm.path).resolve()), "split": name}
     if not rows:
         raise TitlegenError(f"{dm.eval_path or dm.path}: no usable rows to evaluate")
-    return rows
+    return rows, source
 
 
 def generation_loader(dm: TitleDataModule, rows: list[Row]) -> DataLoader:
     """Left-padded prompt batches of ``rows`` (each batch's ``row`` holds the row indices)."""
-    source = PredictInput(Path(dm.eval_path or dm.path), ["title", "content"], rows, [r["title"] for r in rows])
+    table = [[r["title"], r["content"]] for r in rows]
+    source = PredictInput(Path(dm.eval_path or dm.path), ["title", "content"], table, [r["title"] for r in rows])
     return source.loader(dm.encoder, dm.eval_batch_size, max_tokens=dm.predict_max_tokens)
 
 

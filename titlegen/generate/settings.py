@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from titlegen.errors import TitlegenError
+
 Engine = Literal["auto", "titlegen", "hf"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationSettings:
     """Decoding settings.
 
@@ -40,5 +42,19 @@ class GenerationSettings:
     engine: Engine = "auto"
 
     def __post_init__(self) -> None:
-        if self.engine not in get_args(Engine):
-            raise ValueError(f"generation.engine must be one of {get_args(Engine)}, got {self.engine!r}")
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "min_new_tokens": 0 <= self.min_new_tokens <= self.max_new_tokens,
+            "temperature": self.temperature > 0,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+            "repetition_penalty": self.repetition_penalty > 0,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0,
+            "engine": self.engine in get_args(Engine),
+        }
+        wanted = {"max_new_tokens": ">= 1", "min_new_tokens": "between 0 and max_new_tokens", "temperature": "> 0",
+                  "top_p": "in (0, 1]", "top_k": ">= 0 (0: off)", "repetition_penalty": "> 0 (1: off)",
+                  "no_repeat_ngram_size": ">= 0 (0: off)", "engine": f"one of {', '.join(get_args(Engine))}"}
+        for name, ok in checks.items():
+            if not ok:
+                raise TitlegenError(f"model.generation.{name}: got {getattr(self, name)!r}, expected {wanted[name]}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from titlegen.errors import TitlegenError
 from titlegen.io import atomic_write
 
 log = logging.getLogger("titlegen")
@@ -24,16 +25,18 @@ def journal_path(output: Path) -> Path:
 
 
 class CSVPredictionWriter(BasePredictionWriter):
-    """Writes ``description`` for every input row to ``output`` (CSV), resumable through a journal file.
+    """Writes a description for every input row to ``output`` (CSV), resumable through a journal file.
 
     Args:
         output: The CSV to write.
         fingerprint: Identifies the model and decoding settings: a journal written with others is not reused.
+        column: Name of the generated column (default: ``description``, or ``generated_description`` when the
+            input already has a ``description`` column: every input column is kept as it was).
     """
 
-    def __init__(self, output: str | Path, fingerprint: str = "") -> None:
+    def __init__(self, output: str | Path, fingerprint: str = "", column: str | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.output, self.fingerprint = Path(output), fingerprint
+        self.output, self.fingerprint, self.column = Path(output), fingerprint, column
         self.done: dict[int, dict] = {}
         self._journal = None
         self._started, self._titles = 0.0, 0
@@ -48,6 +51,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         dm = trainer.datamodule
+        self.column = output_column(dm.predict_input.header, self.column)
         header, path = self._header(dm), journal_path(self.output)
         self.done = self._read_journal(path, header)
         if self.done:
@@ -98,7 +102,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         if trainer.global_rank != 0:
             return
         predict_input = trainer.datamodule.predict_input
-        write_csv(self.output, predict_input.header, predict_input.rows, self.done)
+        write_csv(self.output, predict_input.header + [self.column], predict_input.rows, self.done)
         journal_path(self.output).unlink(missing_ok=True)
         stopped = sum(1 for d in self.done.values() if d["stopped"])
         rate = self._titles / max(time.perf_counter() - self._started, 1e-9)
@@ -118,15 +122,27 @@ def show_rate(trainer: L.Trainer, titles: int, rate: float) -> None:
         bar.predict_progress_bar.set_postfix_str(text, refresh=False)
 
 
-def write_csv(output: Path, header: list[str], rows: list[dict], done: dict[int, dict]) -> None:
-    """All input columns plus ``description``, in input order; rows never generated (empty title) get ''."""
-    fields = header + ([] if "description" in header else ["description"])
+def output_column(header: list[str], wanted: str | None = None) -> str:
+    """The name of the generated column: never one the input already has (its values would be lost)."""
+    if wanted:
+        if wanted in header:
+            raise TitlegenError(f"--output_column {wanted}: the input already has a column of that name")
+        return wanted
+    for name in ("description", "generated_description"):
+        if name not in header:
+            return name
+    raise TitlegenError("the input has both 'description' and 'generated_description' columns: "
+                        "name the generated one with --output_column")
+
+
+def write_csv(output: Path, fields: list[str], rows: list[list[str]], done: dict[int, dict]) -> None:
+    """Every input column (repeated names too) plus the generated one, in input order; rows never generated
+    (empty title) get ''."""
 
     def table(fh) -> None:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
+        writer = csv.writer(fh)
+        writer.writerow(fields)
         for i, row in enumerate(rows):
-            writer.writerow({**row, "description": done.get(i, {}).get("description", "")})
+            writer.writerow([*row, done.get(i, {}).get("description", "")])
 
     atomic_write(output, table)
-

@@ -49,6 +49,10 @@ class BackboneConfig:
     checkpoint_fraction: float = 1.0
     liger_kernel: bool = False
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.checkpoint_fraction <= 1.0:
+            raise TitlegenError(f"model.backbone.checkpoint_fraction: got {self.checkpoint_fraction}, expected 0..1")
+
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":

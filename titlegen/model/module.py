@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Literal
@@ -21,7 +22,9 @@ from titlegen.model.attention import PACKED_ATTENTION, packed_forward_kwargs
 from titlegen.model.lora import LoraSettings, adapter_off, attach_lora, cast_adapter, load_adapter, unwrap
 from titlegen.model.loss import response_loss
 from titlegen.model.merge import merge_into_dense
-from titlegen.model.schedule import ScheduleSettings, build_scheduler
+from titlegen.model.schedule import ScheduleSettings, build_scheduler, resize_note
+
+log = logging.getLogger("titlegen")
 
 
 class TitleGenModule(L.LightningModule):
@@ -44,16 +47,16 @@ class TitleGenModule(L.LightningModule):
             the figures).
     """
 
-    def __init__(self, backbone: bb.BackboneConfig, lora: LoraSettings | None = None,
-                 optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings | None = None,
-                 generation: GenerationSettings | None = None, adapter_path: str | None = None,
+    def __init__(self, backbone: bb.BackboneConfig, lora: LoraSettings = LoraSettings(),
+                 optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings = ScheduleSettings(),
+                 generation: GenerationSettings = GenerationSettings(), adapter_path: str | None = None,
                  loss_chunk_tokens: int = 1024, merge_for_predict: bool = False,
                  eval_generation: Literal["standalone", "always", "off"] = "standalone") -> None:
         super().__init__()
-        self.backbone_cfg, self.lora = backbone, lora or LoraSettings()
+        self.backbone_cfg, self.lora = backbone, lora
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
-        self.schedule = scheduler or ScheduleSettings()
-        self.generation = generation or GenerationSettings()
+        self.schedule = scheduler
+        self.generation = generation
         self.adapter_path, self.loss_chunk_tokens = adapter_path, loss_chunk_tokens
         self.merge_for_predict, self.eval_generation = merge_for_predict, eval_generation
         self.model: torch.nn.Module | None = None
@@ -61,6 +64,8 @@ class TitleGenModule(L.LightningModule):
         self.use_adapter = True  # evaluate switches it off to score the untuned base with the same weights
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self._val_batches = 0
+        self._schedule_steps: int | None = None  # optimizer steps the learning-rate schedule spans
+        self._resumed_schedule: tuple[int, int] | None = None  # (step, schedule steps) of a resumed checkpoint
         # Checkpoints hold only the adapter: the frozen (4-bit) base is rebuilt from backbone.name_or_path.
         self.strict_loading = False
 
@@ -135,7 +140,10 @@ class TitleGenModule(L.LightningModule):
         if not params:
             raise TitlegenError("nothing to train: the model has no trainable (LoRA) parameters")
         optimizer = self.optimizer_factory(params)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self._schedule_steps = int(self.trainer.estimated_stepping_batches)
+        resumed = self._resumed_schedule
+        if resumed and resumed[1] != total:  # max_steps/epochs changed: say what that does to the rate
+            log.warning(resize_note(resumed[0], resumed[1], total, self.schedule))
         scheduler = build_scheduler(optimizer, self.schedule, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -204,9 +212,12 @@ class TitleGenModule(L.LightningModule):
         # RNG state too, so LoRA dropout after a resume draws the same masks as an uninterrupted run.
         checkpoint["titlegen_rng"] = {"cpu": torch.get_rng_state(),
                                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint["titlegen_schedule_steps"] = self._schedule_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        if checkpoint.get("titlegen_schedule_steps"):
+            self._resumed_schedule = (checkpoint.get("global_step", 0), checkpoint["titlegen_schedule_steps"])
         rng = checkpoint.get("titlegen_rng")
         if rng is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["cpu"])

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleSettings:
     """Warmup, then decay of the learning rate over the run's optimizer steps.
 
@@ -41,3 +41,11 @@ def lr_factor(step: int, total: int, s: ScheduleSettings) -> float:
 
 def build_scheduler(optimizer: Optimizer, settings: ScheduleSettings, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, max(1, total_steps), settings))
+
+
+def resize_note(step: int, old_total: int, new_total: int, s: ScheduleSettings) -> str:
+    """What a resume with a different number of optimizer steps does to the schedule, in one line."""
+    before, after = lr_factor(step, old_total, s), lr_factor(step, new_total, s)
+    return (f"resuming at step {step} with {new_total} optimizer steps in all (the checkpoint's run had {old_total}): "
+            f"the {s.kind} schedule now spans {new_total} steps, so the learning rate moves from {before:.3g} to "
+            f"{after:.3g} of its peak (README: Runs, checkpoints and TensorBoard)")

@@ -1,0 +1,63 @@
+"""Arguments checked before anything heavy is loaded: each problem is one line naming the flag or file.
+
+LightningCLI would otherwise report a bad value deep in a 50-line traceback (jsonargparse folds the message into
+a union-type error), or only after minutes of model loading and generation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from titlegen.data.prompts import PromptTemplate
+from titlegen.errors import TitlegenError
+from titlegen.generate.settings import GenerationSettings
+from titlegen.model.backbone import BackboneConfig
+
+# Settings dataclasses whose own checks (__post_init__) run on the parsed values, by config key.
+SETTINGS = {("data", "prompt"): PromptTemplate, ("model", "generation"): GenerationSettings,
+            ("model", "backbone"): BackboneConfig}
+
+
+def check_settings(cfg) -> None:
+    """Build each settings dataclass from the parsed configuration once, so its checks speak first."""
+    for (group, key), cls in SETTINGS.items():
+        value = cfg.get(group, {}).get(key) if hasattr(cfg.get(group, {}), "get") else None
+        if value is not None:
+            cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every ``--config FILE`` exists and is valid YAML (jsonargparse would name it "<unicode string>")."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            name = args[i + 1]
+        elif arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(name)
+        if not path.is_file():
+            raise TitlegenError(f"--config {name}: file not found")
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+            raise TitlegenError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
+def check_output(output: str | None, source: str | None, overwrite: bool) -> Path:
+    """The predict output path: a file, never the input, never an existing file without ``--overwrite``."""
+    if not output:
+        raise TitlegenError("predict needs --output FILE.csv")
+    path = Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        raise TitlegenError(f"--output {output}: is a directory; name the CSV file to write")
+    if source and path.exists() and path.resolve() == Path(source).resolve():
+        raise TitlegenError(f"--output {output}: is the input file (data.predict_path); name another file")
+    if path.exists() and not overwrite:
+        raise TitlegenError(f"--output {output}: already exists (pass --overwrite to replace it)")
+    return path
