@@ -129,7 +129,7 @@ def test_first_hour_06_11_evaluate_samples_and_records_its_sources(trained, tmp_
     assert str(adapter.resolve()) in md and "higher is better" in md and "lower is better" in md
 
 
-def test_first_hour_07_sigterm_stops_predict_and_keeps_its_work(trained, tmp_path):
+def test_first_hour_07_14_sigterm_stops_predict_keeps_its_work_and_prints_no_noise(trained, tmp_path):
     _, cfg, adapter = trained
     titles = _csv(tmp_path / "in.csv", ["title"], [[f"Wool Socks {i}"] for i in range(3000)])
     out = tmp_path / "out.csv"
@@ -170,3 +170,18 @@ def test_first_hour_04_broken_gzip_is_one_line(tmp_path, tiny_model_dir, capsys)
         assert run("fit", "--config", str(cfg)) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"titlegen: error: {tmp_path / name}") and expected in err and err.count("\n") == 1
+
+
+def test_first_hour_10_predict_with_an_adapter_needs_no_config(trained, tmp_path):
+    """The adapter records its base model and prompt: no --config, any working directory."""
+    _, _, adapter = trained
+    titles = _csv(tmp_path / "in.csv", ["title"], [["Wool Socks"], ["LED Desk Lamp"]])
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert run("predict", "--ckpt_path", str(adapter), "--data.predict_path", "in.csv", "--output", "out.csv",
+                   "--model.generation.max_new_tokens", "4", "--trainer.enable_progress_bar", "false") == 0
+    finally:
+        os.chdir(cwd)
+    with (tmp_path / "out.csv").open(encoding="utf-8") as fh:
+        assert [r["title"] for r in csv.DictReader(fh)] == ["Wool Socks", "LED Desk Lamp"]

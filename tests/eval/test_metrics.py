@@ -17,7 +17,7 @@ def test_loop_detection_and_bootstrap():
     assert better["low"] == pytest.approx(0.1) and better["high"] == pytest.approx(0.1)
 
 
-def test_report_markdown_keeps_generated_text_on_its_line():
+def test_first_hour_11_report_markdown_keeps_generated_text_on_its_line():
     rows = [{"title": "Mug", "content": "A mug."}]
     out = SimpleNamespace(text="Great mug.\n### Response:\nBuy | now", stopped=True)
     md = markdown("t", {"generated": {k: 0.5 for k in METRICS}}, rows, {"generated": [out]}, [], 8)

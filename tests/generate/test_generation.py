@@ -52,3 +52,9 @@ def test_first_hour_03_no_repeat_ngram_lets_the_description_repeat_the_title():
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
     assert NoRepeatNGramLogitsProcessor(n)(copying, scores.clone())[0, torch_] == float("-inf")
+    # Both engines (titlegen's loop and transformers' generate) get the rule with the prompt's width.
+    from titlegen.generate.engines import hf_kwargs, no_repeat_rule
+
+    assert no_repeat_rule(GenerationSettings(), 17).start == 17
+    [hf_rule] = hf_kwargs(GenerationSettings(), 2, 0, 17)["logits_processor"]
+    assert hf_rule.start == 17
