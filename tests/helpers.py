@@ -145,3 +145,33 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
+
+
+class SignalAt(L.Callback):
+    """Sends this process ``signal`` once the run has finished optimizer step ``step`` (a preemption, a Ctrl-C)."""
+
+    def __init__(self, step: int = 3, signal: str = "SIGTERM") -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class PoisonStep(L.Callback):
+    """Makes the loss of ``steps`` optimizer steps from ``step`` on NaN (the output head returns NaN for them)."""
+
+    def __init__(self, step: int = 2, steps: int = 1) -> None:
+        self.step, self.steps, self._hook = step, steps, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.step <= trainer.global_step < self.step + self.steps:
+            self._hook = pl_module._decoder.head.register_forward_hook(lambda m, args, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

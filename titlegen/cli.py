@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 from jsonargparse import ArgumentError
@@ -24,9 +26,10 @@ from titlegen.data.datamodule import TitleDataModule
 from titlegen.errors import TitlegenError
 from titlegen.eval.compare import TitlegenTrainer
 from titlegen.generate.writer import CSVPredictionWriter
-from titlegen.model.callbacks import AdapterExport, ThroughputLogger
+from titlegen.model.callbacks import AdapterExport, StepProgressBar, ThroughputLogger
 from titlegen.model.lora import adapter_base, check_adapter_dir
 from titlegen.model.module import TitleGenModule
+from titlegen.model.safety import GracefulStop, ReadableCheckpointIO, unreadable_checkpoint
 from titlegen.quiet import quiet_third_party
 
 BASE_CONFIG = Path(__file__).resolve().parent / "base.yaml"  # package data: installed with titlegen
@@ -56,6 +59,14 @@ class TitlegenCLI(LightningCLI):
                 action.help = CKPT_HELP.get(subcommand, CKPT_HELP["other"])
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint here for hyperparameters (titlegen saves none): a broken file is one line.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            ckpt = self.config[self.config.subcommand].get("ckpt_path")
+            raise TitlegenError(unreadable_checkpoint(ckpt, err)) from None
+
     def add_arguments_to_parser(self, parser) -> None:
         # Say each value once: the data is tokenized with the model's own tokenizer.
         parser.link_arguments("model.backbone.name_or_path", "data.tokenizer")
@@ -83,7 +94,11 @@ class TitlegenCLI(LightningCLI):
             self.save_config_callback = None
         elif cfg.get("logger") in (None, True):
             kwargs["logger"] = self._run_logger(cfg, ckpt)
-        extra = [ThroughputLogger(), AdapterExport()] if self.subcommand == "fit" else []
+        extra = [ThroughputLogger(), GracefulStop(), AdapterExport()] if self.subcommand == "fit" else []
+        if self.subcommand == "fit" and cfg.get("enable_progress_bar") is not False:
+            extra.append(StepProgressBar())
+        if not cfg.get("plugins"):
+            kwargs["plugins"] = [ReadableCheckpointIO()]
         if self.subcommand == "predict":
             self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
             extra.append(self._prediction_writer())
@@ -169,13 +184,18 @@ def main(args: list[str] | None = None) -> None:
     defaults = {"default_config_files": [str(BASE_CONFIG)], **strict}
     try:
         check_config_files(sys.argv[1:] if args is None else args)
-        TitlegenCLI(TitleGenModule, TitleDataModule, trainer_class=TitlegenTrainer,
-                    parser_kwargs={"prog": "python -m titlegen", **strict, **{c: dict(defaults) for c in SUBCOMMANDS}},
-                    auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
+        cli = TitlegenCLI(TitleGenModule, TitleDataModule, trainer_class=TitlegenTrainer,
+                          parser_kwargs={"prog": "python -m titlegen", **strict,
+                                         **{c: dict(defaults) for c in SUBCOMMANDS}},
+                          auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
     except TitlegenError as err:
         print(f"titlegen: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
     except ArgumentError as err:  # one line, not 80 lines of usage first
         message = " ".join(str(err).split())
         print(f"titlegen: error: {message} (python -m titlegen SUBCOMMAND --help lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
+    stopped = [c.exit_code for c in cli.trainer.callbacks if isinstance(c, GracefulStop) and c.stopped_by]
+    if stopped:  # not finished: a scheduler must not take the run for done
+        raise SystemExit(stopped[0])

@@ -175,7 +175,7 @@ def test_first_hour_04_broken_gzip_is_one_line(tmp_path, tiny_model_dir, capsys)
 def test_first_hour_10_predict_with_an_adapter_needs_no_config(trained, tmp_path):
     """The adapter records its base model and prompt: no --config, any working directory."""
     _, _, adapter = trained
-    titles = _csv(tmp_path / "in.csv", ["title"], [["Wool Socks"], ["LED Desk Lamp"]])
+    _csv(tmp_path / "in.csv", ["title"], [["Wool Socks"], ["LED Desk Lamp"]])
     cwd = Path.cwd()
     os.chdir(tmp_path)
     try:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from titlegen.data.encoding import Encoder
-from titlegen.data.records import clean_records, iter_rows, sample_records, split_of
+from titlegen.data.records import clean_records, iter_rows, sample_records, split_of, title_hash
 from titlegen.errors import TitlegenError
 from titlegen.io import staged_dir
 
@@ -31,6 +31,7 @@ class SplitSettings:
     val_fraction: float
     test_fraction: float
     skip_bad_lines: bool
+    max_val_rows: int | None = None
 
 
 def cache_key(path: Path, split: SplitSettings, encoder: Encoder) -> str:
@@ -62,6 +63,26 @@ def _write_split_files(path: Path, split: SplitSettings, workdir: Path, stats: C
     finally:
         for fh in files.values():
             fh.close()
+    if split.max_val_rows is not None and stats["val"] > split.max_val_rows:
+        _cap_val(workdir, split, stats)
+
+
+def _cap_val(workdir: Path, split: SplitSettings, stats: Counter) -> None:
+    """Keep the ``max_val_rows`` validation rows of smallest title hash (whole titles: a title never lands in two
+    splits); the rest train. A 5% split of the full file would be ~75,000 rows per validation."""
+    val = workdir / "val.jsonl"
+    with val.open(encoding="utf-8") as fh:
+        hashes = sorted(title_hash(json.loads(line)["title"], split.seed) for line in fh)
+    bound = hashes[split.max_val_rows]  # the first row left out; its whole title goes with it
+    kept = workdir / "val.kept.jsonl"
+    with val.open(encoding="utf-8") as src, kept.open("w", encoding="utf-8") as keep, \
+            (workdir / "train.jsonl").open("a", encoding="utf-8") as train:
+        for line in src:
+            (keep if title_hash(json.loads(line)["title"], split.seed) < bound else train).write(line)
+    moved = sum(1 for u in hashes if u >= bound)
+    stats["val"] -= moved
+    stats["train"] += moved
+    os.replace(kept, val)
 
 
 def _tokenize(batch: dict, encoder: Encoder) -> dict:

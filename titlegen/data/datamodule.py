@@ -51,6 +51,8 @@ class TitleDataModule(L.LightningDataModule):
         max_records: Use only this many cleaned records, a seeded uniform sample (not the first N).
         seed: Seed of the sample, the split and the batch order.
         val_fraction: Share of titles (by a hash of the title) held out for validation.
+        max_val_rows: At most this many validation rows (those of smallest title hash; the rest train), so each
+            validation of a run on the full file takes minutes, not hours. None: no cap.
         test_fraction: Share of titles held out for ``test``.
         group_by_length: Batch examples of similar length together (less padding).
         num_val_samples: Validation titles whose generated descriptions are logged at every validation.
@@ -70,19 +72,21 @@ class TitleDataModule(L.LightningDataModule):
                  tokenizer: str = "",
                  prompt: PromptTemplate = PromptTemplate(), max_length: int = 512, batch_size: int = 8,
                  eval_batch_size: int | None = None, max_records: int | None = None, seed: int = 0,
-                 val_fraction: float = 0.05, test_fraction: float = 0.0, group_by_length: bool = True,
+                 val_fraction: float = 0.05, test_fraction: float = 0.0, max_val_rows: int | None = 2000,
+                 group_by_length: bool = True,
                  num_val_samples: int = 4, skip_bad_lines: bool = False, num_workers: int = 0,
                  cache_dir: str = "checkpoints/cache", pad_to_multiple_of: int = 8, packing: bool = False,
                  max_tokens: int | None = None, predict_max_tokens: int | None = None) -> None:
         super().__init__()
         check_settings(val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length,
                        batch_size=batch_size, eval_batch_size=eval_batch_size, max_records=max_records,
-                       max_tokens=max_tokens, predict_max_tokens=predict_max_tokens, num_val_samples=num_val_samples)
+                       max_tokens=max_tokens, predict_max_tokens=predict_max_tokens, num_val_samples=num_val_samples,
+                       max_val_rows=max_val_rows)
         self.path, self.predict_path, self.eval_path, self.tokenizer_name = path, predict_path, eval_path, tokenizer
         self.prompt = prompt
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.split = SplitSettings(max_records, seed, val_fraction, test_fraction, skip_bad_lines)
+        self.split = SplitSettings(max_records, seed, val_fraction, test_fraction, skip_bad_lines, max_val_rows)
         self.group_by_length, self.num_val_samples = group_by_length, num_val_samples
         self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
         self.packing = packing
@@ -160,7 +164,7 @@ class TitleDataModule(L.LightningDataModule):
         ds = self.splits[name].select_columns(["input_ids", "labels"])
         size = self.batch_size if train else self.eval_batch_size
         packed = self.packing and train  # evaluation stays padded: no gradients, simpler
-        sampler = LengthGroupedBatchSampler(self.splits[name]["length"], size, seed=self.split.seed, shuffle=train,
+        sampler = LengthGroupedBatchSampler(self.splits[name].with_format("numpy")["length"], size, seed=self.split.seed, shuffle=train,
                                             group=64 if self.group_by_length else 1,
                                             max_tokens=self.max_tokens if train else None, packed=packed)
         collate = collate_packed if packed else collate_train

@@ -223,9 +223,14 @@ def sample_records(records: Iterable[Record], k: int, seed: int, stats: Counter)
     return [rec for _, _, rec in sorted(heap, key=lambda t: t[1])]
 
 
+def title_hash(title: str, seed: int) -> float:
+    """The number that places a title in a split (case-insensitive)."""
+    return seeded_hash(title.casefold(), seed)
+
+
 def split_of(title: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """``train``/``val``/``test`` from a seeded hash of the title, so one title never lands in two splits."""
-    u = seeded_hash(title.casefold(), seed)
+    u = title_hash(title, seed)
     if u < val_fraction:
         return "val"
     if u < val_fraction + test_fraction:

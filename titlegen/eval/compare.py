@@ -8,12 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from titlegen.errors import TitlegenError
 from titlegen.eval.metrics import paired_bootstrap, quality_report
 from titlegen.eval.report import summary, write_report
 from titlegen.eval.rows import eval_rows, generation_loader, loss_loader
+from titlegen.model.safety import ReadableCheckpointIO
 
 SYSTEMS = {"base": False, "fine-tuned": True}  # name -> adapter on
 
@@ -41,7 +41,8 @@ def run_evaluation(trainer: L.Trainer, model, dm, ckpt_path: str | None, report_
     if ckpt_path is None and not model.adapter_path:
         raise TitlegenError("evaluate needs --ckpt_path (a .ckpt file or an exported adapter directory)")
     if ckpt_path is not None:  # the checkpoint's prompt, as predict would use it
-        dm.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False).get(type(dm).__qualname__, {}))
+        checkpoint = ReadableCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+        dm.load_state_dict(checkpoint.get(type(dm).__qualname__, {}))
     rows, source = eval_rows(dm)
     gen_loader, losses_loader = generation_loader(dm, rows), loss_loader(dm, rows)
     results = {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from titlegen.data.prompts import save_prompt
 from titlegen.io import copy_if_present, staged_dir
@@ -54,8 +55,8 @@ class AdapterExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
-        if trainer.global_rank != 0 or log_dir is None:
-            return
+        if trainer.global_rank != 0 or log_dir is None or any(getattr(c, "stopped_by", None) for c in trainer.callbacks):
+            return  # a run stopped by a signal is not finished: its last.ckpt resumes it
         target = Path(log_dir) / "adapter"
         export_adapter(pl_module, trainer.datamodule, target, Path(log_dir) / "config.yaml")
         pl_module.print(f"adapter exported: {target}")
@@ -70,3 +71,15 @@ def export_adapter(pl_module, datamodule, target: Path, config_file: Path | None
         if config_file is not None:
             copy_if_present(config_file, staged)
     return target
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's progress bar, whose epoch label under ``max_steps`` read "Epoch 5/-2": here "Epoch 5 (of at most
+    60 steps)" when the run is bounded by steps, Lightning's label otherwise."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        label = f"Epoch {current_epoch}" + (f" (of at most {trainer.max_steps} steps)" if trainer.max_steps > 0 else "")
+        return f"{label:{len(self.validation_description)}}"

@@ -1,0 +1,67 @@
+"""Runs that do not lose work: a signal between two steps leaves last.ckpt and the resumed run ends with the same
+loss curve; a NaN step is skipped and counted; a broken checkpoint is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import FIXTURE_ROWS, run, scalars, tiny_config, write_jsonl
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_model_dir):
+    return tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_between_steps_writes_last_ckpt_and_resume_matches(cfg, tmp_path, sig):
+    assert run("fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "full")) == 0
+    code = run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.SignalAt",
+               "--trainer.callbacks.step=3", f"--trainer.callbacks.signal={sig}")
+    assert code == 128 + {"SIGTERM": 15, "SIGINT": 2}[sig]  # stopped, not finished
+    part = tmp_path / "runs" / "version_0"
+    assert torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert not (part / "adapter").exists()  # an unfinished run exports no adapter
+    assert run("fit", "--config", str(cfg), "--ckpt_path", "last") == 0
+    expected, resumed = scalars(tmp_path / "full" / "version_0", "train/loss"), scalars(part, "train/loss")
+    assert sorted(expected) == sorted(resumed) == [0, 1, 2, 3, 4, 5]
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_a_nan_step_is_skipped_and_counted(cfg, tmp_path):
+    assert run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.PoisonStep",
+               "--trainer.callbacks.step=2") == 0
+    run_dir = tmp_path / "runs" / "version_0"
+    skipped = scalars(run_dir, "train/skipped_steps")
+    assert skipped[1] == 0.0 and skipped[2] == skipped[5] == 1.0  # counted once, at the poisoned step
+    losses = scalars(run_dir, "train/loss")
+    assert sorted(losses) == [0, 1, 2, 3, 4, 5] and all(v == v for s, v in losses.items() if s != 2)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()  # the run finished
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in saved.values())  # the NaN never reached the weights
+
+
+def test_nan_steps_in_a_row_stop_with_the_last_good_weights(cfg, tmp_path, capsys):
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(json.dumps({"trainer": {"callbacks": [
+        {"class_path": "titlegen.model.safety.SkipNonFinite", "init_args": {"max_in_row": 2}},
+        {"class_path": "tests.helpers.PoisonStep", "init_args": {"step": 1, "steps": 5}}]}}))
+    assert run("fit", "--config", str(cfg), "--config", str(callbacks)) == 2
+    err = capsys.readouterr().err
+    assert "2 steps in a row with a non-finite loss or gradients" in err and err.count("\n") == 1
+    [ckpt] = (tmp_path / "runs").glob("version_0/checkpoints/last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_a_truncated_checkpoint_is_one_line(cfg, tmp_path, capsys):
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
+    ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert run("fit", "--config", str(cfg), "--ckpt_path", str(ckpt)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"titlegen: error: {ckpt}: not a readable checkpoint") and err.count("\n") == 1
