@@ -175,3 +175,12 @@ class PoisonStep(L.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+class RaiseOutOfMemory(L.Callback):
+    """What CUDA raises when a batch does not fit (the same exception type, raised on any device)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

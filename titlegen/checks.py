@@ -61,3 +61,16 @@ def check_output(output: str | None, source: str | None, overwrite: bool) -> Pat
     if path.exists() and not overwrite:
         raise TitlegenError(f"--output {output}: already exists (pass --overwrite to replace it)")
     return path
+
+
+def out_of_memory(cfg, subcommand: str) -> str:
+    """One line for a GPU out-of-memory error: the batch settings in use and the flags that lower them."""
+    data, trainer = cfg.get("data"), cfg.get("trainer")
+    if subcommand == "fit":
+        return (f"out of GPU memory at data.batch_size {data.batch_size}, data.max_tokens {data.max_tokens}, "
+                f"data.max_length {data.max_length}: lower --data.max_tokens (or --data.batch_size) and raise "
+                f"--trainer.accumulate_grad_batches (now {trainer.accumulate_grad_batches}) to keep the effective "
+                "batch, or set --model.backbone.checkpoint_fraction 1.0")
+    return (f"out of GPU memory at data.eval_batch_size {data.eval_batch_size or data.batch_size}, "
+            f"data.predict_max_tokens {data.predict_max_tokens}: lower --data.eval_batch_size or set "
+            "--data.predict_max_tokens (rows x longest prompt per batch)")

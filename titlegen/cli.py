@@ -17,24 +17,25 @@ import threading
 import zipfile
 from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from titlegen.checks import check_config_files, check_output, check_settings
+from titlegen.checks import check_config_files, check_output, check_settings, out_of_memory
 from titlegen.data.datamodule import TitleDataModule
 from titlegen.errors import TitlegenError
-from titlegen.eval.compare import TitlegenTrainer
 from titlegen.generate.writer import CSVPredictionWriter
 from titlegen.model.callbacks import AdapterExport, StepProgressBar, ThroughputLogger
 from titlegen.model.lora import adapter_base, check_adapter_dir
 from titlegen.model.module import TitleGenModule
 from titlegen.model.safety import GracefulStop, ReadableCheckpointIO, unreadable_checkpoint
 from titlegen.quiet import quiet_third_party
+from titlegen.trainer import TitlegenTrainer
 
 BASE_CONFIG = Path(__file__).resolve().parent / "base.yaml"  # package data: installed with titlegen
 log = logging.getLogger("titlegen")
-SUBCOMMANDS = ("fit", "validate", "test", "predict", "evaluate")
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "prepare", "evaluate")
 CKPT_HELP = {
     "fit": "Resume from this .ckpt (loop, optimizer and data position restored); 'last' picks the newest "
            "last.ckpt under trainer.default_root_dir.",
@@ -50,7 +51,7 @@ class TitlegenCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "prepare": {"model", "datamodule"}, "evaluate": {"model", "datamodule"}}
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -58,6 +59,12 @@ class TitlegenCLI(LightningCLI):
             if "--ckpt_path" in action.option_strings:
                 action.help = CKPT_HELP.get(subcommand, CKPT_HELP["other"])
         return parser
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except torch.OutOfMemoryError:
+            raise TitlegenError(out_of_memory(self.config[subcommand], subcommand)) from None
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint here for hyperparameters (titlegen saves none): a broken file is one line.
@@ -89,7 +96,7 @@ class TitlegenCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self._get(self.config_init, "trainer", default={})
         ckpt = self._resolve_checkpoint(cfg.get("default_root_dir") or "checkpoints/run")
-        if self.subcommand in ("predict", "evaluate"):
+        if self.subcommand in ("predict", "evaluate", "prepare"):
             kwargs["logger"] = False  # they write a CSV or a report, not a run directory (nor its config.yaml)
             self.save_config_callback = None
         elif cfg.get("logger") in (None, True):

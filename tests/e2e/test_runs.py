@@ -65,3 +65,20 @@ def test_a_truncated_checkpoint_is_one_line(cfg, tmp_path, capsys):
     assert run("fit", "--config", str(cfg), "--ckpt_path", str(ckpt)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"titlegen: error: {ckpt}: not a readable checkpoint") and err.count("\n") == 1
+
+
+def test_prepare_builds_the_cache_that_fit_then_finds(cfg, tmp_path, capsys, caplog):
+    assert run("prepare", "--config", str(cfg)) == 0
+    out = capsys.readouterr().out
+    assert "prepared: " in out and "model:" not in out  # the tokenizer only: no model loaded
+    [cache] = (tmp_path / "cache").iterdir()
+    assert (cache / "stats.json").is_file() and out.strip().endswith(str(cache))
+    caplog.clear()
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1") == 0
+    assert f"using cached splits {cache}" in caplog.text
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_settings(cfg, capsys):
+    assert run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.RaiseOutOfMemory") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of GPU memory at data.batch_size 4" in err and "--data.max_tokens" in err

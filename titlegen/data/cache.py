@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from titlegen.data.encoding import Encoder
 from titlegen.data.records import clean_records, iter_rows, sample_records, split_of, title_hash
 from titlegen.errors import TitlegenError
@@ -51,7 +53,9 @@ def cache_key(path: Path, split: SplitSettings, encoder: Encoder) -> str:
 
 def _write_split_files(path: Path, split: SplitSettings, workdir: Path, stats: Counter) -> None:
     """Stream, clean and split into train/val/test JSON Lines files (one pass, constant memory)."""
-    records = clean_records(iter_rows(path, stats, split.skip_bad_lines), stats)
+    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=None,
+               mininterval=1.0, leave=False)  # disable=None: only on a terminal
+    records = clean_records(iter_rows(path, stats, split.skip_bad_lines, progress=bar.update), stats)
     if split.max_records is not None:
         records = sample_records(records, split.max_records, split.seed, stats)
     files = {name: (workdir / f"{name}.jsonl").open("w", encoding="utf-8") for name in SPLITS}
@@ -61,6 +65,7 @@ def _write_split_files(path: Path, split: SplitSettings, workdir: Path, stats: C
             files[name].write(json.dumps({"title": rec.title, "content": rec.content, "uid": rec.uid}) + "\n")
             stats[name] += 1
     finally:
+        bar.close()
         for fh in files.values():
             fh.close()
     if split.max_val_rows is not None and stats["val"] > split.max_val_rows:
@@ -110,6 +115,8 @@ def build(path: Path, split: SplitSettings, encoder: Encoder, target: Path) -> C
         features = datasets.Features({k: datasets.Value("string") for k in ("title", "content", "uid")})
         raw = datasets.load_dataset("json", data_files=files, features=features, cache_dir=str(work / "hf"))
         nproc = min(os.cpu_count() or 1, 8) if stats["read"] > 50_000 else None
+        if nproc:  # minutes of work ahead: show datasets' bars (rate, ETA); small files stay quiet
+            datasets.enable_progress_bars()
         tokenized = raw.map(_tokenize, batched=True, fn_kwargs={"encoder": encoder}, num_proc=nproc,
                             desc="tokenizing")
         for name, ds in tokenized.items():

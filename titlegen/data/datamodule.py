@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 from titlegen.data.batching import LengthGroupedBatchSampler, ResumableDataLoader
 from titlegen.data.cache import SplitSettings, load_or_build
 from titlegen.data.encoding import Encoder, collate_train
+from titlegen.data.files import check_readable
 from titlegen.data.packing import collate_packed
 from titlegen.data.predict_csv import PredictInput, read_predict_csv
 from titlegen.data.prompts import PromptTemplate, load_prompt
-from titlegen.data.records import check_readable
 from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")
@@ -123,7 +123,11 @@ class TitleDataModule(L.LightningDataModule):
     # ---- Lightning hooks -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self._stage() != "predict":
-            load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
+            self.build_cache()
+
+    def build_cache(self) -> Path:
+        """The processed splits of ``path`` in ``cache_dir`` (built once; later runs find them by their key)."""
+        return load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
 
     def setup(self, stage: str) -> None:
         if stage == "predict":

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from titlegen.data.batching import cut_batches
 from titlegen.data.cleaning import clean_text
 from titlegen.data.encoding import Encoder, collate_prompts
-from titlegen.data.records import BadLines, check_readable, iter_csv_lists
+from titlegen.data.files import check_readable
+from titlegen.data.records import BadLines, iter_csv_lists
 from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")

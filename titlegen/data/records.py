@@ -7,24 +7,21 @@ Every problem with an input file raises :class:`TitlegenError` naming the file a
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import heapq
 import io
 import json
 import logging
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from titlegen.data.cleaning import clean_text, same_text
+from titlegen.data.files import GZIP_ERRORS, check_readable, file_format, gzip_error, numbered_lines, open_binary
 from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")
-JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}
 
 
 @dataclass(frozen=True)
@@ -35,31 +32,6 @@ class Record:
     content: str
     uid: str = ""
     line: int = 0
-
-
-def check_readable(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise TitlegenError(f"{path}: file not found")
-    if not path.is_file():
-        raise TitlegenError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise TitlegenError(f"{path}: empty file (expected rows with 'title' and 'content')")
-    return path
-
-
-def _format(path: Path) -> str:
-    name = path.name.lower().removesuffix(".gz")
-    suffix = Path(name).suffix
-    if suffix in JSON_SUFFIXES:
-        return "jsonl"
-    if suffix == ".csv":
-        return "csv"
-    raise TitlegenError(f"{path}: unknown file type (expected .json/.jsonl JSON Lines, .json.gz or .csv)")
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
 
 
 class BadLines:
@@ -76,30 +48,9 @@ class BadLines:
             log.warning("skipped bad line %s: %s", where, problem)
 
 
-def _gzip_error(path: Path, line: int, err: Exception) -> TitlegenError:
-    """One line for a broken compressed file, instead of a traceback from deep inside gzip."""
-    if isinstance(err, EOFError):
-        return TitlegenError(f"{path}:{line}: the gzip data ends early (an interrupted download?); "
-                             "expected a complete .gz file")
-    return TitlegenError(f"{path}: not readable as gzip ({err}); expected a file written by gzip")
-
-
-GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    number = 0
-    try:
-        with _open_binary(path) as fh:
-            for number, raw in enumerate(fh, start=1):
-                yield number, raw
-    except GZIP_ERRORS as err:
-        raise _gzip_error(path, number + 1, err) from None
-
-
-def iter_json_lines(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
+def iter_json_lines(path: Path, bad: BadLines, progress=None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSON Lines file."""
-    for number, raw in _numbered_lines(path):
+    for number, raw in numbered_lines(path, progress):
         where = f"{path}:{number}"
         try:
             text = raw.decode("utf-8")
@@ -119,10 +70,11 @@ def iter_json_lines(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
         yield number, obj
 
 
-def iter_csv_lists(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iterator[tuple[int, list[str], list[str]]]:
+def iter_csv_lists(path: Path, bad: BadLines, required: tuple[str, ...],
+                   progress=None) -> Iterator[tuple[int, list[str], list[str]]]:
     """Yield (line number, header, fields) for each CSV row, fields padded to the header's width. The header
     must name every ``required`` column exactly once; any other column may repeat (it is kept, not merged)."""
-    with _open_binary(path) as raw:
+    with open_binary(path, progress) as raw:
         reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))
         try:
             header = next(reader, [])
@@ -139,7 +91,7 @@ def iter_csv_lists(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iter
         except csv.Error as err:
             raise TitlegenError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
         except GZIP_ERRORS as err:
-            raise _gzip_error(path, reader.line_num + 1, err) from None
+            raise gzip_error(path, reader.line_num + 1, err) from None
 
 
 def _check_header(path: Path, header: list[str], required: tuple[str, ...]) -> None:
@@ -152,9 +104,9 @@ def _check_header(path: Path, header: list[str], required: tuple[str, ...]) -> N
         raise TitlegenError(f"{path}:1: CSV header names {', '.join(map(repr, twice))} more than once")
 
 
-def iter_csv_rows(path: Path, bad: BadLines, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+def iter_csv_rows(path: Path, bad: BadLines, required: tuple[str, ...], progress=None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, row dict) for each CSV row; the header must name every ``required`` column."""
-    for number, header, fields in iter_csv_lists(path, bad, required):
+    for number, header, fields in iter_csv_lists(path, bad, required, progress):
         yield number, dict(zip(header, fields))
 
 
@@ -166,12 +118,15 @@ def _text_field(obj: dict, key: str, where: str, bad: BadLines) -> str | None:
     return None
 
 
-def iter_rows(path: str | Path, stats: Counter, skip_bad_lines: bool = False) -> Iterator[Record]:
-    """Stream raw (uncleaned) title/content rows from a JSON Lines, .json.gz or CSV file."""
+def iter_rows(path: str | Path, stats: Counter, skip_bad_lines: bool = False,
+              progress: Callable[[int], object] | None = None) -> Iterator[Record]:
+    """Stream raw (uncleaned) title/content rows from a JSON Lines, .json.gz or CSV file; ``progress`` is called
+    with the number of bytes of the file read since its last call."""
     path = check_readable(path)
     bad = BadLines(skip_bad_lines, stats)
-    kind = _format(path)
-    rows = iter_json_lines(path, bad) if kind == "jsonl" else iter_csv_rows(path, bad, ("title", "content"))
+    kind = file_format(path)
+    rows = (iter_json_lines(path, bad, progress) if kind == "jsonl"
+            else iter_csv_rows(path, bad, ("title", "content"), progress))
     for number, obj in rows:
         stats["read"] += 1
         where = f"{path}:{number}"

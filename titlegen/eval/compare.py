@@ -18,24 +18,6 @@ from titlegen.model.safety import ReadableCheckpointIO
 SYSTEMS = {"base": False, "fine-tuned": True}  # name -> adapter on
 
 
-class TitlegenTrainer(L.Trainer):
-    """Lightning's Trainer plus ``evaluate`` (a subcommand of the CLI)."""
-
-    def evaluate(self, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None = None,
-                 report_dir: str | None = None, num_examples: int = 8) -> dict:
-        """Compare the untuned base with the fine-tuned adapter on the evaluation rows.
-
-        Args:
-            model: The module (its ``adapter_path`` or ``ckpt_path`` gives the fine-tuned weights).
-            datamodule: Provides the rows: ``data.eval_path``, else the test split, else the validation split.
-            ckpt_path: A ``.ckpt`` file or an exported adapter directory.
-            report_dir: Where ``report.json``, ``report.md`` and ``generations.csv`` go (default: ``eval/`` in
-                the run directory of the checkpoint or adapter).
-            num_examples: Rows shown side by side in the Markdown report.
-        """
-        return run_evaluation(self, model, datamodule, ckpt_path, report_dir, num_examples)
-
-
 def run_evaluation(trainer: L.Trainer, model, dm, ckpt_path: str | None, report_dir: str | None,
                    num_examples: int) -> dict:
     if ckpt_path is None and not model.adapter_path:
