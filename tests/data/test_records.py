@@ -114,20 +114,3 @@ def test_real_rows_stream_clean_and_split(shared_data):
     titles = {r.title for r in records}
     eval_titles = {json.loads(line)["title"] for line in (shared_data / "amazon_titles_eval.jsonl").open()}
     assert not titles & eval_titles  # the eval rows are really held out
-
-
-def test_validation_split_is_capped_by_title_hash(tmp_path):
-    """The full file's 5% would be ~75,000 validation rows; the cap keeps the smallest title hashes, whole titles."""
-    from titlegen.data.cache import SplitSettings, _write_split_files
-    from titlegen.data.records import title_hash
-
-    rows = [(f"Title {i % 40}", f"Description {i}") for i in range(200)]  # 40 titles, 5 rows each
-    data = write_jsonl(tmp_path / "trn.json", rows)
-    stats: Counter = Counter()
-    _write_split_files(data, SplitSettings(None, 0, 0.5, 0.0, False, max_val_rows=12), tmp_path, stats)
-    split = {name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").open()] for name in ("train", "val")}
-    assert stats["val"] == len(split["val"]) == 10 and stats["train"] == len(split["train"]) == 190  # 2 titles
-    val_titles, train_titles = ({r["title"] for r in split[n]} for n in ("val", "train"))
-    assert not val_titles & train_titles
-    assert max(title_hash(t, 0) for t in val_titles) < min(title_hash(t, 0) for t in train_titles if
-                                                           title_hash(t, 0) < 0.5)

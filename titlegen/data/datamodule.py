@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from titlegen.data.batching import LengthGroupedBatchSampler, ResumableDataLoader
-from titlegen.data.cache import SplitSettings, load_or_build
+from titlegen.data.cache import SplitSettings, load_or_build, load_splits
 from titlegen.data.encoding import Encoder, collate_train
 from titlegen.data.files import check_readable
 from titlegen.data.packing import collate_packed
@@ -135,10 +135,8 @@ class TitleDataModule(L.LightningDataModule):
                 raise TitlegenError("data.predict_path is not set: name a CSV file with a 'title' column")
             self.predict_input = read_predict_csv(self.predict_path)
             return
-        import datasets
 
-        cached = load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir)
-        self.splits = dict(datasets.load_from_disk(str(cached)))
+        self.splits = load_splits(load_or_build(self._data_path(), self.split, self.encoder, self.cache_dir))
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         for name in wanted:
             if name not in self.splits and not (name == "val" and stage == "fit"):

@@ -48,26 +48,32 @@ class BadLines:
             log.warning("skipped bad line %s: %s", where, problem)
 
 
+def parse_json_line(raw: bytes, where: str, bad: BadLines) -> dict | None:
+    """One JSON Lines line as an object; None for a blank or (when skipping) a bad line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad.report(where, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+        return None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        bad.report(where, f"not valid JSON ({err.msg} at column {err.colno}); expected one object per line")
+        return None
+    if not isinstance(obj, dict):
+        bad.report(where, f"expected a JSON object with 'title' and 'content', got {type(obj).__name__}")
+        return None
+    return obj
+
+
 def iter_json_lines(path: Path, bad: BadLines, progress=None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSON Lines file."""
     for number, raw in numbered_lines(path, progress):
-        where = f"{path}:{number}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            bad.report(where, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
-            continue
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            bad.report(where, f"not valid JSON ({err.msg} at column {err.colno}); expected one object per line")
-            continue
-        if not isinstance(obj, dict):
-            bad.report(where, f"expected a JSON object with 'title' and 'content', got {type(obj).__name__}")
-            continue
-        yield number, obj
+        obj = parse_json_line(raw, f"{path}:{number}", bad)
+        if obj is not None:
+            yield number, obj
 
 
 def iter_csv_lists(path: Path, bad: BadLines, required: tuple[str, ...],
@@ -129,32 +135,56 @@ def iter_rows(path: str | Path, stats: Counter, skip_bad_lines: bool = False,
             else iter_csv_rows(path, bad, ("title", "content"), progress))
     for number, obj in rows:
         stats["read"] += 1
-        where = f"{path}:{number}"
-        title = _text_field(obj, "title", where, bad)
-        content = _text_field(obj, "content", where, bad)
-        if title is None or content is None:
-            continue
-        yield Record(title=title, content=content, uid=str(obj.get("uid") or ""), line=number)
+        record = to_record(obj, f"{path}:{number}", number, bad)
+        if record is not None:
+            yield record
+
+
+def to_record(obj: dict, where: str, line: int, bad: BadLines) -> Record | None:
+    """The raw (uncleaned) title and content of a parsed row; None when a field is not text (skipping)."""
+    title = _text_field(obj, "title", where, bad)
+    content = _text_field(obj, "content", where, bad)
+    if title is None or content is None:
+        return None
+    return Record(title=title, content=content, uid=str(obj.get("uid") or ""), line=line)
+
+
+def clean_record(row: Record) -> tuple[Record | None, str]:
+    """The cleaned row, or None and the stats key of why it is dropped (duplicates are decided elsewhere)."""
+    title, content = clean_text(row.title), clean_text(row.content)
+    if not title:
+        return None, "dropped_empty_title"
+    if not content:
+        return None, "dropped_empty_content"
+    if same_text(title, content):
+        return None, "dropped_title_equals_content"
+    return Record(title=title, content=content, uid=row.uid, line=row.line), ""
+
+
+def record_key(rec: Record) -> int:
+    """64 bits that identify a (title, content) pair, for de-duplication."""
+    return int.from_bytes(hashlib.blake2b(f"{rec.title}\0{rec.content}".encode(), digest_size=8).digest(), "big")
+
+
+def sample_hash(rec: Record, seed: int) -> float:
+    """The number that decides whether a record is in a ``max_records`` sample (the smallest ones are)."""
+    return seeded_hash(f"{rec.title}\0{rec.content}", seed)
 
 
 def clean_records(rows: Iterable[Record], stats: Counter) -> Iterator[Record]:
     """Clean each row; drop empty titles/contents, contents that only repeat the title, and exact duplicates."""
-    seen: set[bytes] = set()
+    seen: set[int] = set()
     for row in rows:
-        title, content = clean_text(row.title), clean_text(row.content)
-        if not title:
-            stats["dropped_empty_title"] += 1
-        elif not content:
-            stats["dropped_empty_content"] += 1
-        elif same_text(title, content):
-            stats["dropped_title_equals_content"] += 1
-        else:
-            key = hashlib.blake2b(f"{title}\0{content}".encode(), digest_size=12).digest()
-            if key in seen:
-                stats["dropped_duplicate"] += 1
-                continue
-            seen.add(key)
-            yield Record(title=title, content=content, uid=row.uid, line=row.line)
+        rec, dropped = clean_record(row)
+        if rec is None:
+            stats[dropped] += 1
+            continue
+        key = record_key(rec)
+        if key in seen:
+            stats["dropped_duplicate"] += 1
+            continue
+        seen.add(key)
+        yield rec
 
 
 def seeded_hash(text: str, seed: int) -> float:
@@ -167,7 +197,7 @@ def sample_records(records: Iterable[Record], k: int, seed: int, stats: Counter)
     """Keep the ``k`` records with the smallest seeded hash (a uniform sample, not the first k), in file order."""
     heap: list[tuple[float, int, Record]] = []  # max-heap on the hash via negation
     for i, rec in enumerate(records):
-        item = (-seeded_hash(f"{rec.title}\0{rec.content}", seed), i, rec)
+        item = (-sample_hash(rec, seed), i, rec)
         if len(heap) < k:
             heapq.heappush(heap, item)
         elif item > heap[0]:
