@@ -199,6 +199,10 @@ def main(args: list[str] | None = None) -> None:
         print(f"titlegen: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside Lightning's loops (prepare, model loading)
+        print("titlegen: stopped by an interrupt; finished work is kept (run the same command to continue)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     except ArgumentError as err:  # one line, not 80 lines of usage first
         message = " ".join(str(err).split())
         print(f"titlegen: error: {message} (python -m titlegen SUBCOMMAND --help lists the options)", file=sys.stderr)

@@ -14,8 +14,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ _queue = None  # worker processes report bytes read through it (set by the pool'
 def _init_worker(queue) -> None:
     global _queue
     _queue = queue
+    # The parent decides when to stop (Ctrl-C, SIGTERM): it terminates the pool, which ends a worker quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _pool_worker(job: Job, rank: int) -> None:
@@ -60,13 +64,16 @@ def make_shards(job: Job) -> None:
             return
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         queue = ctx.Queue()
-        with ProcessPoolExecutor(job.workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-            futures = [pool.submit(_pool_worker, job, rank) for rank in range(job.workers)]
-            while wait(futures, timeout=0.5).not_done:
+        # Pool, not an executor: leaving the block (an error, Ctrl-C, SIGTERM) terminates the workers at once;
+        # the shards they finished stay for the next run.
+        with ctx.Pool(job.workers, initializer=_init_worker, initargs=(queue,)) as pool:
+            results = [pool.apply_async(_pool_worker, (job, rank)) for rank in range(job.workers)]
+            while not all(r.ready() for r in results):
+                time.sleep(0.5)
                 while not queue.empty():
                     bar.update(queue.get())
-            for future in futures:
-                future.result()  # a worker's TitlegenError (file:line) surfaces here
+            for result in results:
+                result.get()  # a worker's TitlegenError (file:line) surfaces here
 
 
 def _shards(work_dir: Path) -> list[Path]:
