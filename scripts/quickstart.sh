@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: fine-tune SmolLM2-135M-Instruct in NF4 + LoRA on the sample data
-# (titlegen/sample/trn.json), then describe the sample titles (titlegen/sample/titles.csv). 2 CPU cores: ~5 min.
+# (titlegen/sample/trn.json), then describe the sample titles (titlegen/sample/titles.csv). Time: README figures.
 source "$(dirname "$0")/_env.sh"
 python scripts/fetch_quickstart_model.py
 python -m titlegen fit --config configs/quickstart.yaml "$@"
