@@ -100,6 +100,7 @@ def choose_rows(shards: list[Path], split, stats: Counter) -> dict[str, np.ndarr
         limit = np.partition(sample_u[chosen], split.max_records - 1)[split.max_records - 1]
         stats["dropped_by_max_records"] += int(chosen.sum() - split.max_records)
         chosen &= sample_u <= limit
+    # The vectorized form of records.split_of (tests/data/test_build.py checks that they agree).
     val = chosen & (title_u < split.val_fraction)
     test = chosen & ~val & (title_u < split.val_fraction + split.test_fraction)
     if split.max_val_rows is not None and val.sum() > split.max_val_rows:
