@@ -1,4 +1,4 @@
-"""``python -m titlegen {fit,validate,test,predict}``: LightningCLI with titlegen's defaults.
+"""``python -m titlegen {fit,validate,test,predict,prepare,evaluate}``: LightningCLI with titlegen's defaults.
 
 ``titlegen/base.yaml`` (package data; ``configs/base.yaml`` points to it) is always loaded first; ``--config``
 files and flags override it. Bad input ends with one line on stderr (``titlegen: error: ...``) and exit code 2,
@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 import signal
 import sys
 import threading
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from titlegen.generate.writer import CSVPredictionWriter
 from titlegen.model.callbacks import AdapterExport, StepProgressBar, ThroughputLogger
 from titlegen.model.lora import adapter_base, check_adapter_dir
 from titlegen.model.module import TitleGenModule
-from titlegen.model.safety import GracefulStop, ReadableCheckpointIO, unreadable_checkpoint
+from titlegen.model.safety import UNREADABLE, GracefulStop, ReadableCheckpointIO, unreadable_checkpoint
 from titlegen.quiet import quiet_third_party
 from titlegen.trainer import TitlegenTrainer
 
@@ -70,7 +68,7 @@ class TitlegenCLI(LightningCLI):
         # Lightning reads the checkpoint here for hyperparameters (titlegen saves none): a broken file is one line.
         try:
             super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except UNREADABLE as err:
             ckpt = self.config[self.config.subcommand].get("ckpt_path")
             raise TitlegenError(unreadable_checkpoint(ckpt, err)) from None
 

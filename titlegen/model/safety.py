@@ -18,6 +18,7 @@ from titlegen.errors import TitlegenError
 
 log = logging.getLogger("titlegen")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)  # what torch.load raises
 
 
 class GracefulStop(L.Callback):
@@ -80,7 +81,7 @@ class ReadableCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except UNREADABLE as err:
             raise TitlegenError(unreadable_checkpoint(path, err)) from None
 
 
