@@ -51,3 +51,30 @@ def test_cleaning_on_real_rows(shared_data):
         if row.get("content", "").strip():
             raw_letters = sum(ch.isalpha() for ch in row["content"])
             assert sum(ch.isalpha() for ch in content) >= 0.8 * raw_letters - 120
+
+
+def _reference_clean(text: str) -> str:
+    """clean_text as plainly written, without the shortcuts (the note pattern over the whole text, a regex for
+    whitespace)."""
+    import re
+    import unicodedata
+
+    from titlegen.data import cleaning
+
+    if not text:
+        return ""
+    text = unicodedata.normalize("NFC", cleaning.unescape_html(text))
+    text = cleaning._CONTROL.sub(" ", cleaning._INVISIBLE.sub("", text))
+    text = cleaning._EDITION_NOTE.sub(" ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def test_the_fast_paths_clean_exactly_like_the_plain_patterns():
+    import random
+
+    rnd = random.Random(0)
+    pieces = list("ab -.\n\t\u2028\u3000\u00a0\x1c—&;") + [
+        "This text refers to the Paperback edition.", "--This TEXT refers to an out of print or unavailable "
+        "edition of this title.", " this text refers to ", "edition", ".", "-- ", "&amp;"]
+    texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12))) for _ in range(20000)]
+    assert [clean_text(t) for t in texts] == [_reference_clean(t) for t in texts]

@@ -18,11 +18,13 @@ _EDITION_NOTE = re.compile(
     r"|[^.]{0,60}?edition)(?=\s*\.|\s*$)\s*\.?",
     re.IGNORECASE,
 )
+# The note's pattern starts with optional runs, so searching for it tries every position of the text; this
+# literal finds the texts that hold a note, and where, at a fraction of the cost (same result: the note holds it).
+_EDITION_HINT = re.compile("this text refers to", re.IGNORECASE)
 # Zero-width and byte-order marks carry nothing and break de-duplication.
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 # Control characters other than whitespace (which the collapse below handles).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
-_SPACE = re.compile(r"\s+")
 
 
 def unescape_html(text: str) -> str:
@@ -46,8 +48,14 @@ def clean_text(text: str | None) -> str:
     text = unicodedata.normalize("NFC", text)
     text = _INVISIBLE.sub("", text)
     text = _CONTROL.sub(" ", text)
-    text = _EDITION_NOTE.sub(" ", text)
-    return _SPACE.sub(" ", text).strip()
+    hint = _EDITION_HINT.search(text)
+    if hint:  # a note can only start after the last character before it that is not a space or dash
+        start = hint.start()
+        while start and (text[start - 1].isspace() or text[start - 1] == "-"):
+            start -= 1
+        text = text[:start] + _EDITION_NOTE.sub(" ", text[start:])
+    # str.split() splits on exactly the characters the regex \s matches (both use Unicode's isspace), faster.
+    return " ".join(text.split())
 
 
 def same_text(a: str, b: str) -> bool:

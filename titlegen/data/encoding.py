@@ -4,11 +4,12 @@ an id that survives truncation; padding (right for training, left for generation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from titlegen.data.prompt_split import SplitPrompt, template_parts
 from titlegen.data.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -17,10 +18,27 @@ MAX_CHARS_PER_TOKEN = 64  # generous: BPE tokens of real text average ~4 charact
 
 @dataclass
 class Encoded:
-    """One training example: ``labels`` is ``IGNORE_INDEX`` on prompt tokens, then the response and EOS."""
+    """One training example: the prompt's ``prompt_length`` ids, then the response and EOS."""
 
     input_ids: list[int]
-    labels: list[int]
+    prompt_length: int
+
+    @property
+    def labels(self) -> list[int]:
+        """``IGNORE_INDEX`` on prompt tokens, then the response and EOS (what the loss predicts)."""
+        return prompt_labels(self.input_ids, self.prompt_length)
+
+
+def prompt_labels(input_ids: Sequence[int], prompt_length: int) -> list[int]:
+    return [IGNORE_INDEX] * prompt_length + list(input_ids[prompt_length:])
+
+
+def example_labels(example: Mapping) -> Sequence[int]:
+    """An example's labels: given, or built from its ``prompt_length`` (the cached splits store that: half
+    the size of a second token list)."""
+    if "labels" in example:
+        return example["labels"]
+    return prompt_labels(example["input_ids"], example["prompt_length"])
 
 
 def join_prompt_response(prompt: list[int], response: list[int], eos_id: int, max_length: int) -> Encoded | None:
@@ -29,8 +47,7 @@ def join_prompt_response(prompt: list[int], response: list[int], eos_id: int, ma
     room = max_length - len(prompt) - 1
     if room < 1:
         return None
-    target = list(response[:room]) + [eos_id]
-    return Encoded(input_ids=list(prompt) + target, labels=[IGNORE_INDEX] * len(prompt) + target)
+    return Encoded(input_ids=[*prompt, *response[:room], eos_id], prompt_length=len(prompt))
 
 
 class Encoder:
@@ -40,26 +57,49 @@ class Encoder:
         self.tokenizer, self.prompt, self.max_length = tokenizer, prompt, max_length
         self.eos_id: int = tokenizer.eos_token_id
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._split: SplitPrompt | None | bool = None  # built on first use (not pickled to workers)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_split": None}
+
+    def render(self, title: str) -> str:
+        """The prompt text of one title, through the chat template when the prompt asks for it."""
+        if not self.prompt.chat:
+            return self.prompt.render(title)
+        return self.tokenizer.apply_chat_template(self.prompt.chat_messages(title), tokenize=False,
+                                                  add_generation_prompt=True)
 
     def prompt_texts(self, titles: Sequence[str]) -> list[str]:
-        if not self.prompt.chat:
-            return [self.prompt.render(t) for t in titles]
-        return [
-            self.tokenizer.apply_chat_template(self.prompt.chat_messages(t), tokenize=False, add_generation_prompt=True)
-            for t in titles
-        ]
+        return [self.render(t) for t in titles]
 
     def prompt_ids(self, titles: Sequence[str]) -> list[list[int]]:
-        texts = self.prompt_texts(titles)
+        if self._split is None:
+            parts = template_parts(self.render)
+            self._split = SplitPrompt(self.render, parts, self._whole_prompts, self._tails) if parts else False
+        if self._split and self._split.pays:
+            return self._split.ids(titles)
+        return self._whole_prompts(self.prompt_texts(titles))
+
+    def _whole_prompts(self, texts: list[str]) -> list[list[int]]:
         # A chat template writes its own BOS; letting the tokenizer add another would double it.
-        add_special = not self.prompt.chat
-        return self.tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
+        return self.ids(texts, add_special_tokens=not self.prompt.chat)
+
+    def _tails(self, texts: list[str]) -> list[list[int]]:
+        return self.ids(texts, add_special_tokens=False)
+
+    def ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of each text: straight from the Rust tokenizer when that gives the same ids (it skips the
+        Python objects transformers builds per text, a tenth of the preparation), else through transformers."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
     def response_ids(self, contents: Sequence[str]) -> list[list[int]]:
         # Only the first max_length tokens can be kept: cut the text first, so a 50 MB description costs what a
         # long one does (tokenizing it whole peaked at 7 GB). No token is that long, so the kept ids are the same.
         limit = self.max_length * MAX_CHARS_PER_TOKEN
-        return self.tokenizer([c[:limit] for c in contents], add_special_tokens=False)["input_ids"]
+        return self.ids([c[:limit] for c in contents], add_special_tokens=False)
 
     def encode(self, titles: Sequence[str], contents: Sequence[str]) -> list[Encoded | None]:
         prompts, responses = self.prompt_ids(titles), self.response_ids(contents)
@@ -82,7 +122,7 @@ def collate_train(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[row, :n] = torch.as_tensor(e["input_ids"])
-        labels[row, :n] = torch.as_tensor(e["labels"])
+        labels[row, :n] = torch.as_tensor(example_labels(e))
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
