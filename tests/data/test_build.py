@@ -12,7 +12,7 @@ from tests.helpers import FIXTURE_ROWS, write_jsonl
 from titlegen.data import build as build_mod
 from titlegen.data import shards
 from titlegen.data.cache import SplitSettings, load_splits
-from titlegen.data.encoding import Encoder
+from titlegen.data.encoding import Encoder, prompt_labels
 from titlegen.data.prompts import PromptTemplate
 from titlegen.data.records import clean_records, iter_rows, sample_records, split_of, title_hash
 from titlegen.model.backbone import load_tokenizer
@@ -47,8 +47,9 @@ def _built(tmp_path, path, split, encoder) -> dict[str, list]:
     target = tmp_path / "cache" / "x"
     build_mod.build(path, split, encoder, target, str)
     splits = load_splits(target)
-    return {name: list(zip(splits[name]["title"], splits[name]["content"], splits[name]["input_ids"],
-                           splits[name]["labels"])) if name in splits else [] for name in ("train", "val", "test")}
+    return {name: [(t, c, ids, prompt_labels(ids, p)) for t, c, ids, p in zip(
+        splits[name]["title"], splits[name]["content"], splits[name]["input_ids"], splits[name]["prompt_length"])]
+        if name in splits else [] for name in ("train", "val", "test")}
 
 
 @pytest.mark.parametrize("max_records", [None, 150])

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -27,8 +29,9 @@ from titlegen.data.shards import Job, run_worker
 from titlegen.errors import TitlegenError
 from titlegen.io import staged_dir
 
+log = logging.getLogger("titlegen")
 SPLITS = ("train", "val", "test")
-KEPT = ["title", "content", "uid", "input_ids", "labels", "length"]
+KEPT = ["title", "content", "uid", "input_ids", "prompt_length", "length"]
 PARALLEL_FROM_BYTES = 20 * 2**20  # below this one process does it all (no start-up cost)
 
 _queue = None  # worker processes report bytes read through it (set by the pool's initializer)
@@ -51,6 +54,7 @@ def _pool_worker(job: Job, rank: int) -> None:
             _queue.put(pending[0])
             pending[0] = 0
 
+    gc.freeze()  # the tokenizer and the modules, inherited from the parent: never walked by the collector again
     run_worker(job, rank, report)
 
 
@@ -140,9 +144,12 @@ def build(path: Path, split, encoder, target: Path, summary) -> Counter:
     for stale in work_dir.glob("*.tmp"):  # a shard being written when the last build was killed
         stale.unlink()
     workers = min(os.cpu_count() or 1, 8) if path.stat().st_size >= PARALLEL_FROM_BYTES else 1
+    start = time.monotonic()
     make_shards(Job(path, work_dir, encoder, split.seed, split.skip_bad_lines, workers))
+    log.info("data: cleaned and tokenized in %.0f s (%d processes)", time.monotonic() - start, workers)
     stats: Counter = Counter()
     shards = _shards(work_dir)
+    start = time.monotonic()
     masks = choose_rows(shards, split, stats)
     if stats["train"] == 0:
         raise TitlegenError(f"{path}: no usable rows for training after cleaning ({summary(stats)})")
@@ -152,5 +159,6 @@ def build(path: Path, split, encoder, target: Path, summary) -> Counter:
     with staged_dir(target, replace=True) as staged:
         write_splits(shards, masks, staged)
         (staged / "stats.json").write_text(json.dumps(dict(stats), indent=1))
+    log.info("data: splits chosen and written in %.0f s", time.monotonic() - start)
     shutil.rmtree(work_dir, ignore_errors=True)
     return stats

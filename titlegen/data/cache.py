@@ -14,7 +14,7 @@ from titlegen.data.build import SPLITS, build
 from titlegen.data.encoding import Encoder
 
 log = logging.getLogger("titlegen")
-CACHE_VERSION = 2  # bump when cleaning, encoding or the file layout changes
+CACHE_VERSION = 3  # bump when cleaning, encoding or the file layout changes
 
 
 @dataclass(frozen=True)

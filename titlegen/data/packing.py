@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from titlegen.data.encoding import IGNORE_INDEX
+from titlegen.data.encoding import IGNORE_INDEX, example_labels
 
 
 def collate_packed(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def collate_packed(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: in
     for e in examples:
         n = len(e["input_ids"])
         ids += e["input_ids"]
-        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        labels += [IGNORE_INDEX] + list(example_labels(e)[1:])
         positions += range(n)
         bounds.append(bounds[-1] + n)
     pad = -len(ids) % pad_to_multiple_of
