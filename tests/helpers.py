@@ -177,6 +177,31 @@ class PoisonStep(L.Callback):
             self._hook = None
 
 
+class MemoryLimit(L.Callback):
+    """A GPU that holds at most ``rows`` training examples at once: a larger micro-batch raises what CUDA raises
+    (the same exception type, on any device). ``also_at_call`` fails one more forward pass, the N-th, whatever
+    its size: a step that runs out of memory after some of its parts already ran backward."""
+
+    def __init__(self, rows: int = 2, also_at_call: int = 0) -> None:
+        self.rows, self.also_at_call, self.calls = rows, also_at_call, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        from titlegen.model.microbatch import rows_in
+
+        inner = pl_module.forward_loss
+
+        def limited(batch: dict):
+            if torch.is_grad_enabled():
+                self.calls += 1
+                if rows_in(batch) > self.rows or self.calls == self.also_at_call:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return inner(batch)
+
+        pl_module.forward_loss = limited
+
+
 class RaiseOutOfMemory(L.Callback):
     """What CUDA raises when a batch does not fit (the same exception type, raised on any device)."""
 

@@ -27,6 +27,21 @@ def check_settings(cfg) -> None:
         value = cfg.get(group, {}).get(key) if hasattr(cfg.get(group, {}), "get") else None
         if value is not None:
             cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
+    check_backoff(cfg)
+
+
+def check_backoff(cfg) -> None:
+    """``model.oom_backoff`` runs backward inside the step, which DDP/FSDP's gradient sync does not expect."""
+    model, trainer = cfg.get("model") or {}, cfg.get("trainer") or {}
+    if not model.get("oom_backoff"):
+        return
+    devices, strategy = trainer.get("devices"), str(trainer.get("strategy") or "")
+    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, list | tuple) and len(devices) > 1) \
+        or (isinstance(devices, str) and devices.strip() not in ("auto", "1", "0", "")) \
+        or (trainer.get("num_nodes") or 1) > 1 or any(k in strategy for k in ("ddp", "fsdp", "deepspeed"))
+    if several:
+        raise TitlegenError("model.oom_backoff works on one device; with several, lower --data.max_tokens (or "
+                            "--data.batch_size) and raise --trainer.accumulate_grad_batches instead")
 
 
 def check_config_files(args: list[str]) -> None:
@@ -70,7 +85,7 @@ def out_of_memory(cfg, subcommand: str) -> str:
         return (f"out of GPU memory at data.batch_size {data.batch_size}, data.max_tokens {data.max_tokens}, "
                 f"data.max_length {data.max_length}: lower --data.max_tokens (or --data.batch_size) and raise "
                 f"--trainer.accumulate_grad_batches (now {trainer.accumulate_grad_batches}) to keep the effective "
-                "batch, or set --model.backbone.checkpoint_fraction 1.0")
+                "batch, set --model.backbone.checkpoint_fraction 1.0, or let titlegen do it: --model.oom_backoff true")
     return (f"out of GPU memory at data.eval_batch_size {data.eval_batch_size or data.batch_size}, "
             f"data.predict_max_tokens {data.predict_max_tokens}: lower --data.eval_batch_size or set "
             "--data.predict_max_tokens (rows x longest prompt per batch)")

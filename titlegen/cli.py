@@ -75,6 +75,7 @@ class TitlegenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Say each value once: the data is tokenized with the model's own tokenizer.
         parser.link_arguments("model.backbone.name_or_path", "data.tokenizer")
+        parser.link_arguments("model.backbone.trust_remote_code", "data.trust_remote_code")
         parser.add_argument("--output", type=str | None, default=None,
                             help="predict: the CSV to write (every input column + the generated description)")
         parser.add_argument("--output_column", type=str | None, default=None,

@@ -79,3 +79,17 @@ def test_evaluate_reports_both_systems_and_rouge_l_agrees(trained):
         for key in ("rouge1", "rouge2", "bleu", "chrf", "eos_stop_rate", "loop_rate", "distinct_2",
                     "length_ratio", "loss", "ppl"):
             assert key in report["systems"][name]
+
+
+def test_a_title_longer_than_the_context_is_cut_with_a_warning_naming_the_row(tmp_path, tiny_model_dir, caplog):
+    cfg = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS))
+    titles, out = tmp_path / "titles.csv", tmp_path / "out.csv"
+    with titles.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["title"], ["Wool Socks"], ["Desk Lamp " * 400], ["Mug"]])  # 4,000 characters
+    assert run("predict", "--config", str(cfg), "--data.predict_path", str(titles), "--output", str(out)) == 0
+    # The tiny model's context is 512 positions and the config generates up to 6 tokens.
+    assert "1 title(s) too long for the model's context were cut to fit 506 prompt tokens (data rows 2)" in caplog.text
+    with out.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["title"] for r in rows] == ["Wool Socks", "Desk Lamp " * 400, "Mug"]  # the input is kept whole
+    assert all(r["description"] is not None for r in rows)

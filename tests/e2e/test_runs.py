@@ -82,3 +82,24 @@ def test_out_of_memory_is_one_line_naming_the_batch_settings(cfg, capsys):
     assert run("fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.RaiseOutOfMemory") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of GPU memory at data.batch_size 4" in err and "--data.max_tokens" in err
+
+
+def test_out_of_memory_backoff_halves_the_micro_batch_and_keeps_the_loss_curve(cfg, tmp_path, caplog):
+    args = ("fit", "--config", str(cfg), "--model.lora.dropout", "0")  # dropout masks would differ per part
+    assert run(*args, "--trainer.default_root_dir", str(tmp_path / "whole")) == 0
+    # Batches of 4 on a "GPU" that holds 2: halved at the first step; at the second, the second part fails too
+    # (after the first part's backward), so the step is retried in 4 parts with the first part's gradient undone.
+    assert run(*args, "--model.oom_backoff", "true", "--trainer.callbacks+=tests.helpers.MemoryLimit",
+               "--trainer.callbacks.rows=2", "--trainer.callbacks.also_at_call=5") == 0
+    assert "each batch now runs in 2 parts" in caplog.text and "each batch now runs in 4 parts" in caplog.text
+    expected, backed_off = scalars(tmp_path / "whole" / "version_0", "train/loss"), scalars(
+        tmp_path / "runs" / "version_0", "train/loss")
+    assert sorted(expected) == sorted(backed_off) == [0, 1, 2, 3, 4, 5]
+    for step in expected:
+        assert backed_off[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_out_of_memory_backoff_is_refused_on_several_devices(cfg, capsys):
+    assert run("fit", "--config", str(cfg), "--model.oom_backoff", "true", "--trainer.devices", "2") == 2
+    err = capsys.readouterr().err
+    assert "model.oom_backoff works on one device" in err and err.count("\n") == 1

@@ -142,3 +142,29 @@ def test_checkpoint_fraction_keeps_recomputation_on_the_first_layers(tiny_model_
     model = bb.load_base_model(cfg, torch.device("cpu"))
     flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert flags == [True, False]
+
+
+def _model_with_its_own_code(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    directory = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny_custom'\n")
+    (directory / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="tiny_custom", architectures=["TinyForCausalLM"], auto_map={
+        "AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_model_that_ships_code_runs_it_only_with_trust_remote_code(tiny_model_dir, tmp_path):
+    directory = _model_with_its_own_code(tiny_model_dir, tmp_path)
+    with pytest.raises(TitlegenError, match="ships its own Python code.*model.backbone.trust_remote_code"):
+        bb.load_base_model(bb.BackboneConfig(name_or_path=str(directory), gradient_checkpointing=False), CPU)
+    trusted = bb.BackboneConfig(name_or_path=str(directory), gradient_checkpointing=False, trust_remote_code=True)
+    assert type(bb.load_base_model(trusted, CPU)).__name__ == "TinyForCausalLM"

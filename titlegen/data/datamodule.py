@@ -44,6 +44,7 @@ class TitleDataModule(L.LightningDataModule):
         eval_path: Rows (``title``, ``content``; any training format) for ``evaluate``, used whole; default: the
             test split of ``path``, or its validation split when there is no test split.
         tokenizer: Tokenizer directory or name; by default the model's (``model.backbone.name_or_path``).
+        trust_remote_code: Run a tokenizer's own Python code; set by ``model.backbone.trust_remote_code``.
         prompt: The prompt template (saved beside the adapter and reloaded for predict).
         max_length: Longest training example in tokens; longer responses are cut, the EOS is kept.
         batch_size: Examples per training batch.
@@ -69,7 +70,7 @@ class TitleDataModule(L.LightningDataModule):
     """
 
     def __init__(self, path: str = "", predict_path: str | None = None, eval_path: str | None = None,
-                 tokenizer: str = "",
+                 tokenizer: str = "", trust_remote_code: bool = False,
                  prompt: PromptTemplate = PromptTemplate(), max_length: int = 512, batch_size: int = 8,
                  eval_batch_size: int | None = None, max_records: int | None = None, seed: int = 0,
                  val_fraction: float = 0.05, test_fraction: float = 0.0, max_val_rows: int | None = 2000,
@@ -83,6 +84,7 @@ class TitleDataModule(L.LightningDataModule):
                        max_tokens=max_tokens, predict_max_tokens=predict_max_tokens, num_val_samples=num_val_samples,
                        max_val_rows=max_val_rows)
         self.path, self.predict_path, self.eval_path, self.tokenizer_name = path, predict_path, eval_path, tokenizer
+        self.trust_remote_code = trust_remote_code
         self.prompt = prompt
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -91,9 +93,10 @@ class TitleDataModule(L.LightningDataModule):
         self.num_workers, self.cache_dir, self.pad_to = num_workers, Path(cache_dir), pad_to_multiple_of
         self.packing = packing
         self.max_tokens, self.predict_max_tokens = max_tokens, predict_max_tokens
-        self.splits: dict = {}  # split name -> datasets.Dataset (title, content, input_ids, labels, length)
+        self.splits: dict = {}  # split name -> datasets.Dataset (title, content, input_ids, prompt_length, length)
         self.predict_input: PredictInput | None = None
         self.predict_skip: set[int] = set()  # rows a resumed predict already has
+        self.max_prompt_tokens: int | None = None  # the model's context less max_new_tokens (set by the model)
         self._encoder: Encoder | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._loader_state: dict | None = None  # train-loader position restored from a checkpoint
@@ -105,7 +108,8 @@ class TitleDataModule(L.LightningDataModule):
         if self._encoder is None or self._encoder.prompt is not self.prompt:
             from titlegen.model.backbone import load_tokenizer
 
-            self._encoder = Encoder(load_tokenizer(self.tokenizer_name), self.prompt, self.max_length)
+            tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+            self._encoder = Encoder(tokenizer, self.prompt, self.max_length)
         return self._encoder
 
     def use_prompt_from(self, adapter_dir: str | Path) -> None:
@@ -163,7 +167,7 @@ class TitleDataModule(L.LightningDataModule):
 
     # ---- loaders -------------------------------------------------------------------------------------------
     def _loader(self, name: str, train: bool) -> DataLoader:
-        ds = self.splits[name].select_columns(["input_ids", "labels"])
+        ds = self.splits[name].select_columns(["input_ids", "prompt_length"])
         size = self.batch_size if train else self.eval_batch_size
         packed = self.packing and train  # evaluation stays padded: no gradients, simpler
         sampler = LengthGroupedBatchSampler(self.splits[name].with_format("numpy")["length"], size, seed=self.split.seed, shuffle=train,
@@ -192,4 +196,4 @@ class TitleDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         assert self.predict_input is not None
         return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip,
-                                         max_tokens=self.predict_max_tokens)
+                                         max_tokens=self.predict_max_tokens, max_prompt_tokens=self.max_prompt_tokens)

@@ -31,12 +31,15 @@ class PredictInput:
     titles: list[str]
 
     def loader(self, encoder: Encoder, batch_size: int, skip: Collection[int] = (),
-               max_tokens: int | None = None) -> DataLoader:
+               max_tokens: int | None = None, max_prompt_tokens: int | None = None) -> DataLoader:
         """Batches of left-padded prompts, longest first (similar lengths share a batch; an out-of-memory
         error shows up at once), of at most ``batch_size`` rows and, with ``max_tokens``, at most that many
-        rows x longest prompt. Rows with an empty title and rows in ``skip`` get no batch."""
+        rows x longest prompt. Rows with an empty title and rows in ``skip`` get no batch. A prompt over
+        ``max_prompt_tokens`` (the model's context less the tokens to generate) has its title cut to fit."""
         todo = [i for i, t in enumerate(self.titles) if t and i not in skip]
         prompts = dict(zip(todo, encoder.prompt_ids([self.titles[i] for i in todo]) if todo else []))
+        if max_prompt_tokens is not None:
+            self._cut_long_titles(encoder, prompts, max_prompt_tokens)
         lengths = {i: len(p) for i, p in prompts.items()}
         order = sorted(todo, key=lambda i: -lengths[i])
         batches = [[(i, prompts[i]) for i in b] for b in cut_batches(order, lengths, batch_size, max_tokens)]
@@ -47,6 +50,25 @@ class PredictInput:
             return out
 
         return DataLoader(batches, batch_size=None, collate_fn=collate)
+
+    def _cut_long_titles(self, encoder: Encoder, prompts: dict[int, list[int]], limit: int) -> None:
+        """Shorten the titles whose prompt is over ``limit`` tokens (the template stays whole), with a warning
+        naming the rows: generating past the model's context would fail or run on garbage positions."""
+        long = [i for i, p in prompts.items() if len(p) > limit]
+        if not long:
+            return
+        if len(encoder.prompt_ids([""])[0]) >= limit:
+            raise TitlegenError(f"the prompt template alone takes {len(encoder.prompt_ids([''])[0])} tokens; the "
+                                f"model's context leaves {limit} beside model.generation.max_new_tokens")
+        for i in long:
+            lo, hi = 0, len(self.titles[i])  # the longest title prefix whose prompt fits (binary search)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if len(encoder.prompt_ids([self.titles[i][:mid]])[0]) <= limit else (lo, mid - 1)
+            prompts[i] = encoder.prompt_ids([self.titles[i][:lo]])[0]
+        rows = ", ".join(str(i + 1) for i in long[:10]) + (" ..." if len(long) > 10 else "")
+        log.warning("%s: %d title(s) too long for the model's context were cut to fit %d prompt tokens (data "
+                    "rows %s)", self.path, len(long), limit, rows)
 
 
 def read_predict_csv(path: str | Path) -> PredictInput:

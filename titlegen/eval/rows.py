@@ -64,7 +64,8 @@ def generation_loader(dm: TitleDataModule, rows: list[Row]) -> DataLoader:
     """Left-padded prompt batches of ``rows`` (each batch's ``row`` holds the row indices)."""
     table = [[r["title"], r["content"]] for r in rows]
     source = PredictInput(Path(dm.eval_path or dm.path), ["title", "content"], table, [r["title"] for r in rows])
-    return source.loader(dm.encoder, dm.eval_batch_size, max_tokens=dm.predict_max_tokens)
+    return source.loader(dm.encoder, dm.eval_batch_size, max_tokens=dm.predict_max_tokens,
+                         max_prompt_tokens=dm.max_prompt_tokens)
 
 
 def loss_loader(dm: TitleDataModule, rows: list[Row]) -> DataLoader:

@@ -38,6 +38,8 @@ class BackboneConfig:
             activations. Between 0 and 1 it trades memory for speed where all-or-nothing does not fit.
         liger_kernel: Swap in Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (GPU; needs
             ``liger-kernel``).
+        trust_remote_code: Run the Python files a model directory ships (its own model or tokenizer code). Off:
+            such a model stops with one line saying so. Turn it on only for a model whose code you trust.
     """
 
     name_or_path: str = ""
@@ -48,6 +50,7 @@ class BackboneConfig:
     gradient_checkpointing: bool = True
     checkpoint_fraction: float = 1.0
     liger_kernel: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.checkpoint_fraction <= 1.0:
@@ -75,12 +78,22 @@ def check_model_path(name_or_path: str) -> None:
             raise TitlegenError(f"{name_or_path}: no model here (expected a directory with config.json){hint}")
 
 
-def load_tokenizer(name_or_path: str):
+def _remote_code_error(name_or_path: str, err: ValueError) -> TitlegenError | None:
+    if "trust_remote_code" not in str(err):
+        return None
+    return TitlegenError(f"{name_or_path}: the model ships its own Python code, which titlegen does not run unless "
+                         "model.backbone.trust_remote_code is true (set it only for code you trust)")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The base model's tokenizer, with a pad token (padding is masked by position, so pad == eos is safe)."""
     from transformers import AutoTokenizer
 
     check_model_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise (_remote_code_error(name_or_path, err) or err) from None
     if tok.eos_token_id is None:
         raise TitlegenError(f"{name_or_path}: the tokenizer has no eos_token; set one in tokenizer_config.json")
     if tok.pad_token_id is None:
@@ -96,7 +109,8 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     check_model_path(cfg.name_or_path)
     register_attentions()  # titlegen's attention names become valid attn_implementation values
     dtype = resolve_dtype(cfg.compute_dtype, device)
-    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation,
+                    "trust_remote_code": cfg.trust_remote_code}
     if cfg.quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -107,7 +121,10 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
         )
     # Each process (DDP rank) places its own copy on its own device; "auto" would put all of it on one rank.
     kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except ValueError as err:
+        raise (_remote_code_error(cfg.name_or_path, err) or err) from None
     disable_cpu_4bit_repacking(model)
     if cfg.liger_kernel:
         apply_liger(model)

@@ -22,6 +22,7 @@ from titlegen.model.attention import PACKED_ATTENTION, packed_forward_kwargs
 from titlegen.model.lora import LoraSettings, adapter_off, attach_lora, cast_adapter, load_adapter, unwrap
 from titlegen.model.loss import response_loss
 from titlegen.model.merge import merge_into_dense
+from titlegen.model.microbatch import OomBackoff, rows_in
 from titlegen.model.schedule import ScheduleSettings, build_scheduler, resize_note
 
 log = logging.getLogger("titlegen")
@@ -45,13 +46,17 @@ class TitleGenModule(L.LightningModule):
         merge_for_predict: In ``predict``, dequantize the 4-bit base once and fold the adapter into it
             (bf16 on GPU): the same function without per-step dequantization, faster for more memory (README:
             the figures).
+        oom_backoff: On a GPU out-of-memory error in training, retry the step with each batch split in two (again
+            and again, down to one example per part): smaller micro-batches, the same effective batch and loss.
+            One device only. Off: the run stops with the batch settings to lower.
     """
 
     def __init__(self, backbone: bb.BackboneConfig, lora: LoraSettings = LoraSettings(),
                  optimizer: OptimizerCallable | None = None, scheduler: ScheduleSettings = ScheduleSettings(),
                  generation: GenerationSettings = GenerationSettings(), adapter_path: str | None = None,
                  loss_chunk_tokens: int = 1024, merge_for_predict: bool = False,
-                 eval_generation: Literal["standalone", "always", "off"] = "standalone") -> None:
+                 eval_generation: Literal["standalone", "always", "off"] = "standalone",
+                 oom_backoff: bool = False) -> None:
         super().__init__()
         self.backbone_cfg, self.lora = backbone, lora
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
@@ -59,6 +64,7 @@ class TitleGenModule(L.LightningModule):
         self.generation = generation
         self.adapter_path, self.loss_chunk_tokens = adapter_path, loss_chunk_tokens
         self.merge_for_predict, self.eval_generation = merge_for_predict, eval_generation
+        self.oom_backoff = OomBackoff() if oom_backoff else None
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.use_adapter = True  # evaluate switches it off to score the untuned base with the same weights
@@ -80,20 +86,25 @@ class TitleGenModule(L.LightningModule):
         else:
             self.model = attach_lora(base, self.lora)
         self.model.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
-        self.tokenizer = bb.load_tokenizer(self.backbone_cfg.name_or_path)
+        self.tokenizer = bb.load_tokenizer(self.backbone_cfg.name_or_path, self.backbone_cfg.trust_remote_code)
         self._decoder = bb.split_decoder(self.model)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if self._trainer is not None and self.trainer.datamodule is not None and context:
+            # predict cuts titles whose prompt would leave no room for the tokens to generate
+            self.trainer.datamodule.max_prompt_tokens = context - self.generation.max_new_tokens
         trainable, total = bb.count_parameters(self.model)
         adapter = f"adapter {self.adapter_path} (frozen)" if self.adapter_path else f"{trainable / 1e6:.2f}M trainable (LoRA)"
         self.print(f"model: {total / 1e6:.1f}M parameters, {adapter}")
 
     def on_predict_start(self) -> None:
         # After any checkpoint restore, so the adapter weights being merged are the trained ones.
+        dtype = bb.resolve_dtype(self.backbone_cfg.compute_dtype, self.device)  # bf16, or fp16 where there is none
         if self.device.type == "cuda" and not self.merge_for_predict:
-            # bf16 adapter weights: PEFT would otherwise cast every layer input up to fp32 (and autocast back)
-            # at every decoding step; the matmuls run in bf16 under autocast either way.
-            cast_adapter(self.model, torch.bfloat16)
+            # Adapter weights in the compute dtype: PEFT would otherwise cast every layer input up to fp32 (and
+            # autocast back) at every decoding step; the matmuls run in that dtype under autocast either way.
+            cast_adapter(self.model, dtype)
         if self.merge_for_predict and unwrap(self.model) is not self.model:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else None
+            dtype = dtype if self.device.type == "cuda" else None
             self.model = merge_into_dense(self.model, dtype=dtype).eval()
             self._decoder = bb.split_decoder(self.model)
             if self.device.type == "cuda":
@@ -128,9 +139,12 @@ class TitleGenModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss_sum, count = self.forward_loss(batch)
-        loss = loss_sum / count.clamp(min=1)
-        size = int(batch["cu_seq_lens"].numel() - 1) if "cu_seq_lens" in batch else batch["input_ids"].shape[0]
+        if self.oom_backoff is not None:
+            loss = self.oom_backoff.step(self, batch)  # backward done here, in parts that fit
+        else:
+            loss_sum, count = self.forward_loss(batch)
+            loss = loss_sum / count.clamp(min=1)
+        size = rows_in(batch)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=size)
         return loss
