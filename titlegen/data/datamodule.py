@@ -170,7 +170,9 @@ class TitleDataModule(L.LightningDataModule):
         ds = self.splits[name].select_columns(["input_ids", "prompt_length"])
         size = self.batch_size if train else self.eval_batch_size
         packed = self.packing and train  # evaluation stays padded: no gradients, simpler
-        sampler = LengthGroupedBatchSampler(self.splits[name].with_format("numpy")["length"], size, seed=self.split.seed, shuffle=train,
+        # The lengths as one Arrow column: any other access formats 1.5M rows one by one (minutes at full size).
+        lengths = self.splits[name].with_format("arrow")["length"].to_numpy()
+        sampler = LengthGroupedBatchSampler(lengths, size, seed=self.split.seed, shuffle=train,
                                             group=64 if self.group_by_length else 1,
                                             max_tokens=self.max_tokens if train else None, packed=packed)
         collate = collate_packed if packed else collate_train
