@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -108,7 +109,10 @@ class TitlegenCLI(LightningCLI):
         if self.subcommand == "predict":
             self.config_init["predict"]["return_predictions"] = False  # the writer keeps them; memory stays flat
             extra.append(self._prediction_writer())
-        kwargs["callbacks"] = list(cfg.get("callbacks") or []) + extra
+        callbacks = list(cfg.get("callbacks") or [])
+        if cfg.get("enable_checkpointing") is False:  # base.yaml's checkpoint callbacks would make it an error
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        kwargs["callbacks"] = callbacks + extra
         return super().instantiate_trainer(**kwargs)
 
     def _run_logger(self, cfg: dict, ckpt: Path | None) -> TensorBoardLogger:

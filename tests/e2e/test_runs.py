@@ -103,3 +103,9 @@ def test_out_of_memory_backoff_is_refused_on_several_devices(cfg, capsys):
     assert run("fit", "--config", str(cfg), "--model.oom_backoff", "true", "--trainer.devices", "2") == 2
     err = capsys.readouterr().err
     assert "model.oom_backoff works on one device" in err and err.count("\n") == 1
+
+
+def test_checkpointing_can_be_switched_off(cfg, tmp_path):
+    assert run("fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false") == 0
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    assert (tmp_path / "runs" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
