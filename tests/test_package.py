@@ -96,7 +96,7 @@ def test_installed_wheel_resolves_the_same_configuration_outside_the_repository(
     outside = _print_config(tmp_path, unpacked_wheel)
     inside = _print_config(ROOT, ROOT)
     assert outside == inside
-    for setting in ("use_distributed_sampler: false", "num_sanity_val_steps: -1", "ModelCheckpoint",
+    for setting in ("use_distributed_sampler: false", "num_sanity_val_steps: 2", "ModelCheckpoint",
                     "every_n_train_steps: 25", "enable_model_summary: false"):
         assert setting in outside, setting  # base.yaml's trainer settings, not Lightning's bare defaults
 

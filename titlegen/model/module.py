@@ -13,6 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.aggregation import SumMetric
 
 from titlegen.errors import TitlegenError
+from titlegen.eval import baseline
 from titlegen.eval.rows import sample_batch, sample_rows
 from titlegen.eval.split import split_generation_metrics, wanted
 from titlegen.generate.engines import generate
@@ -70,6 +71,7 @@ class TitleGenModule(L.LightningModule):
         self.use_adapter = True  # evaluate switches it off to score the untuned base with the same weights
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self._val_batches = 0
+        self.baseline_logged = False  # the untuned model's validation, at step 0 (eval/baseline.py)
         self._schedule_steps: int | None = None  # optimizer steps the learning-rate schedule spans
         self._resumed_schedule: tuple[int, int] | None = None  # (step, schedule steps) of a resumed checkpoint
         # Checkpoints hold only the adapter: the frozen (4-bit) base is rebuilt from backbone.name_or_path.
@@ -189,6 +191,7 @@ class TitleGenModule(L.LightningModule):
             if seen >= sum(self.trainer.num_val_batches) and self.global_step == 0 and self.logger is not None:
                 self.logger.log_metrics(metrics, step=0)
                 self.log_samples(step=0)
+                self.baseline_logged = True
             return
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=False)
@@ -196,6 +199,8 @@ class TitleGenModule(L.LightningModule):
             split_generation_metrics(self, split, metrics)
         if split == "val":
             self.log_samples(step=self.global_step)
+            if baseline.wanted_now(self):
+                baseline.log_untuned_baseline(self)
 
     def log_samples(self, step: int) -> None:
         """Generate for a few fixed validation titles and log them as a TensorBoard text table."""
