@@ -64,6 +64,10 @@ class TitlegenCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except torch.OutOfMemoryError:
             raise TitlegenError(out_of_memory(self.config[subcommand], subcommand)) from None
+        except ValueError as err:  # Lightning's check of an epoch shorter than the validation interval
+            if "val_check_interval" not in str(err):
+                raise
+            raise TitlegenError(f"{' '.join(str(err).split())} (or set --trainer.val_check_interval lower)") from None
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint here for hyperparameters (titlegen saves none): a broken file is one line.
