@@ -62,6 +62,7 @@ VARIANTS = {
     # Peak memory at one length: with --fixed-length L and extra flags "--data.max_tokens L --data.max_length L"
     # every step is one example of exactly L tokens.
     "memory": PACKED,
+    "config": [],  # the --base-config as it is (e.g. configs/t4-16gb.yaml)
 }
 
 
@@ -139,7 +140,7 @@ def run_variant(name: str, args, ckpt: Path, data: Path, mean_len: float, tmp: P
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    main(["fit", "--config", "configs/llama3-8b-qlora.yaml", "--config", str(cfg), *flags, *args.extra])
+    main(["fit", "--config", args.base_config, "--config", str(cfg), *flags, *args.extra])
     result = json.loads((tmp / "result.json").read_text())
     return {"name": f"titlegen-{name}-{args.shape}", **result, "wall_s": round(time.time() - t0, 1),
             **({"flags": " ".join(args.extra)} if args.extra else {})}
@@ -173,6 +174,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append the JSON lines here too")
     ap.add_argument("--fixed-length", type=int, default=None,
                     help="every example this many tokens (32 of title, the rest content) instead of --lengths")
+    ap.add_argument("--base-config", default="configs/llama3-8b-qlora.yaml", help="the config the variants modify")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="let this process use at most this much GPU memory (a smaller GPU, on a big one)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="default: measured 8192^3 bf16 matmul rate")
     ap.add_argument("extra", nargs="*", help="more titlegen flags for every variant (after --)")
     args = ap.parse_args()
@@ -181,6 +185,10 @@ def main() -> None:
         args.peak_tflops = round(matmul_tflops(), 1) if torch.cuda.is_available() else 1.0
         print(json.dumps({"matmul_bf16_tflops": args.peak_tflops}), flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory_cap_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
+        print(json.dumps({"memory_cap_gib": args.memory_cap_gib}), flush=True)
     ckpt = make_checkpoint(args.shape, Path(args.ckpt_dir) / args.shape)
     lengths = json.load(open(args.lengths))
     if args.fixed_length:

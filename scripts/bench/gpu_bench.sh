@@ -6,6 +6,7 @@
 #   bash scripts/bench/gpu_bench.sh recipe    # TRL with the seed notebook's settings + titlegen with the same recipe
 #   bash scripts/bench/gpu_bench.sh predict   # HF generate peer + titlegen predict (NF4 and merged)
 #   bash scripts/bench/gpu_bench.sh memory    # peak memory at 2048/4096 tokens (Llama-3-8B, Mistral-7B), token budgets
+#   bash scripts/bench/gpu_bench.sh oom       # a batch too big for the GPU: the one-line error, then --model.oom_backoff
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source .gpu/setup.sh || exit 1
@@ -42,6 +43,18 @@ case "${1:-explore}" in
     python $B/peer_predict.py 2>"$OUT/peer_predict.err" | grep '^{'
     python scripts/bench/benchmark_predict.py --lengths $B/lengths_chars.json --titles 2000 --batch ${BATCH:-512} \
       --variants ${PVARIANTS:-nf4,merged} 2>"$OUT/predict.err" | grep '^{' ;;
+  oom)  # 64 examples of 2,048 tokens per step without recomputation: far over the GPU's memory
+    python -c "import sys; sys.path.insert(0, 'scripts/bench'); from benchmark import make_checkpoint, make_data; \
+from pathlib import Path; make_checkpoint('llama3-8b', Path('/tmp/peer_ckpt/llama3-8b')); \
+make_data([[32, 2015]], 128256, 256, Path('$OUT/long.jsonl'))" 2>&1 | grep -i error
+    OOM_ARGS="--config configs/llama3-8b-qlora.yaml --model.backbone.name_or_path /tmp/peer_ckpt/llama3-8b-titlegen
+      --data.path $OUT/long.jsonl --data.prompt.template {title} --data.val_fraction 0 --data.num_val_samples 0
+      --data.cache_dir $OUT/cache --data.batch_size 64 --trainer.accumulate_grad_batches 1
+      --model.backbone.gradient_checkpointing false --trainer.max_steps 2 --trainer.logger false
+      --trainer.enable_checkpointing false --trainer.default_root_dir $OUT/oom"
+    /usr/bin/time -f "wall %e s" python -m titlegen fit $OOM_ARGS 2>&1 | grep -E "titlegen: error|wall"; echo "exit ${PIPESTATUS[0]}"
+    /usr/bin/time -f "wall %e s" python -m titlegen fit $OOM_ARGS --model.oom_backoff true 2>&1 \
+      | grep -E "out of GPU memory|titlegen: error|wall|Error"; echo "exit ${PIPESTATUS[0]}" ;;
   profile-predict)
     python scripts/bench/profile_predict.py --batch ${BATCH:-1024} ${PROFILE_ARGS:-} 2>"$OUT/profile.err" | grep -v Warning | tail -45 ;;
 esac

@@ -109,3 +109,25 @@ def test_checkpointing_can_be_switched_off(cfg, tmp_path):
     assert run("fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false") == 0
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
     assert (tmp_path / "runs" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_untuned_baseline_is_measured_at_the_first_validation_without_delaying_training(cfg, tmp_path):
+    """With no full validation before training, the first validation also scores the base with the adapter off
+    and logs it at step 0: the same value and samples as a full validation before training gives."""
+    before, later = tmp_path / "before", tmp_path / "later"
+    assert run("fit", "--config", str(cfg), "--trainer.default_root_dir", str(before),
+               "--trainer.num_sanity_val_steps", "-1") == 0
+    assert run("fit", "--config", str(cfg), "--trainer.default_root_dir", str(later),
+               "--trainer.num_sanity_val_steps", "0") == 0
+    expected, measured = scalars(before / "version_0", "val/loss"), scalars(later / "version_0", "val/loss")
+    assert sorted(expected) == sorted(measured) == [0, 2, 5]
+    for step in expected:
+        assert measured[step] == pytest.approx(expected[step], rel=1e-5), step
+    assert sorted(scalars(later / "version_0", "train/loss")) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_validation_interval_longer_than_the_epoch_is_one_line(cfg, capsys):
+    assert run("fit", "--config", str(cfg), "--trainer.val_check_interval", "500",
+               "--trainer.check_val_every_n_epoch", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("titlegen: error: `val_check_interval` (500)") and err.count("\n") == 1
