@@ -30,6 +30,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load(ckpt: Path, name: str) -> torch.nn.Module:
+    """NF4 base in the ``name`` compute dtype, a seeded non-zero adapter cast to it, and a sharpened head: random
+    weights give nearly flat next-token distributions, where any rounding flips the argmax; a trained model's are
+    peaked."""
     cfg = bb.BackboneConfig(name_or_path=str(ckpt), compute_dtype=name, gradient_checkpointing=False)
     model = bb.load_base_model(cfg, torch.device("cuda"))
     torch.manual_seed(0)

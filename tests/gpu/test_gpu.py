@@ -114,23 +114,18 @@ def test_fp16_training_follows_bf16_over_20_steps():
 
 
 def _greedy(dtype: torch.dtype, prompts: list[list[int]], new_tokens: int = 32) -> list[list[int]]:
+    """Greedy tokens of the NF4 model with a non-zero adapter and a sharpened head, as dtype_check.py loads it."""
+    import sys
+
     from titlegen.data.encoding import collate_prompts
     from titlegen.generate.loop import generate_fast
     from titlegen.generate.settings import GenerationSettings
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
+    from dtype_check import load
+
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    cfg = bb.BackboneConfig(name_or_path=str(_checkpoint()), compute_dtype=name, gradient_checkpointing=False)
-    model = bb.load_base_model(cfg, torch.device("cuda"))
-    torch.manual_seed(0)
-    model = lora.attach_lora(model, lora.LoraSettings(r=16, alpha=16)).eval()
-    for pname, p in model.named_parameters():
-        if "lora_B" in pname:
-            torch.nn.init.normal_(p, std=0.01)
-    # Random weights give nearly flat next-token distributions, where any rounding flips the argmax; a trained
-    # model's are peaked. Scaling the head sharpens them.
-    with torch.no_grad():
-        bb.split_decoder(model).head.weight.mul_(12)
-    lora.cast_adapter(model, dtype)  # what predict does on a GPU, in the configured dtype
+    model = load(_checkpoint(), name)
     batch = {k: v.cuda() for k, v in collate_prompts(prompts, pad_id=3).items()}
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         out = generate_fast(model, batch["input_ids"], batch["attention_mask"],
