@@ -93,3 +93,38 @@ def test_a_title_longer_than_the_context_is_cut_with_a_warning_naming_the_row(tm
         rows = list(csv.DictReader(fh))
     assert [r["title"] for r in rows] == ["Wool Socks", "Desk Lamp " * 400, "Mug"]  # the input is kept whole
     assert all(r["description"] is not None for r in rows)
+
+
+def test_predict_on_two_processes_writes_the_one_process_csv_and_resumes_a_one_process_run(tmp_path,
+                                                                                          tiny_model_dir):
+    """Several devices (2 CPU processes, gloo): each rank takes every other batch and keeps its own journal; rank
+    0 merges them into one CSV in input order. A run stopped on one device continues on two."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS), eval_batch_size=2)
+    titles = tmp_path / "titles.csv"
+    with titles.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["id", "title"], *((i, t) for i, t in enumerate(TITLES))])
+    common = ["--config", str(cfg), "--data.predict_path", str(titles)]
+    assert run("predict", *common, "--output", str(tmp_path / "one.csv")) == 0
+
+    def two_processes(out: str) -> str:
+        cmd = [sys.executable, "-m", "titlegen", "predict", *common, "--output", str(tmp_path / out),
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    two_processes("two.csv")
+    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+
+    run("predict", *common, "--output", str(tmp_path / "resumed.csv"), "--trainer.callbacks+=tests.helpers.CrashAfterBatches")
+    journal = tmp_path / "resumed.csv.partial.jsonl"
+    assert journal.is_file() and not (tmp_path / "resumed.csv").exists()
+    log = two_processes("resumed.csv")
+    assert re.search(r"resuming from resumed.csv.partial\*.jsonl \([1-9] of 10 rows already done\)", log), log[-2000:]
+    assert (tmp_path / "resumed.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert not list(tmp_path.glob("*.partial*"))  # every journal merged and removed

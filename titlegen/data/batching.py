@@ -86,21 +86,21 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             if self._count is None or self._count[0] != self.epoch:
                 self._count = (self.epoch, len(self.batches()))
             total = self._count[1]
-        world, _ = _world()
+        world, _ = world_rank()
         return total if world == 1 else total // world
 
     @staticmethod
     def _shard(batches: list[list[int]]) -> list[list[int]]:
         """Under DDP every rank takes every world-th batch of the same epoch order, the same number on each
         rank (the last few batches are dropped when the count does not divide), so no rank waits for another."""
-        world, rank = _world()
+        world, rank = world_rank()
         if world == 1:
             return batches
         per_rank = len(batches) // world
         return batches[rank:per_rank * world:world]
 
 
-def _world() -> tuple[int, int]:
+def world_rank() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

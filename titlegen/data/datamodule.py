@@ -198,4 +198,5 @@ class TitleDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         assert self.predict_input is not None
         return self.predict_input.loader(self.encoder, self.eval_batch_size, skip=self.predict_skip,
-                                         max_tokens=self.predict_max_tokens, max_prompt_tokens=self.max_prompt_tokens)
+                                         max_tokens=self.predict_max_tokens, max_prompt_tokens=self.max_prompt_tokens,
+                                         shard=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from titlegen.data.batching import cut_batches
+from titlegen.data.batching import cut_batches, world_rank
 from titlegen.data.cleaning import clean_text
 from titlegen.data.encoding import Encoder, collate_prompts
 from titlegen.data.files import check_readable
@@ -31,11 +31,12 @@ class PredictInput:
     titles: list[str]
 
     def loader(self, encoder: Encoder, batch_size: int, skip: Collection[int] = (),
-               max_tokens: int | None = None, max_prompt_tokens: int | None = None) -> DataLoader:
+               max_tokens: int | None = None, max_prompt_tokens: int | None = None, shard: bool = False) -> DataLoader:
         """Batches of left-padded prompts, longest first (similar lengths share a batch; an out-of-memory
         error shows up at once), of at most ``batch_size`` rows and, with ``max_tokens``, at most that many
         rows x longest prompt. Rows with an empty title and rows in ``skip`` get no batch. A prompt over
-        ``max_prompt_tokens`` (the model's context less the tokens to generate) has its title cut to fit."""
+        ``max_prompt_tokens`` (the model's context less the tokens to generate) has its title cut to fit. With
+        ``shard``, on several devices, each rank gets every world-th batch (the same batches as on one)."""
         todo = [i for i, t in enumerate(self.titles) if t and i not in skip]
         prompts = dict(zip(todo, encoder.prompt_ids([self.titles[i] for i in todo]) if todo else []))
         if max_prompt_tokens is not None:
@@ -43,6 +44,9 @@ class PredictInput:
         lengths = {i: len(p) for i, p in prompts.items()}
         order = sorted(todo, key=lambda i: -lengths[i])
         batches = [[(i, prompts[i]) for i in b] for b in cut_batches(order, lengths, batch_size, max_tokens)]
+        if shard:
+            world, rank = world_rank()
+            batches = batches[rank::world]
 
         def collate(batch: list[tuple[int, list[int]]]) -> dict:
             out = collate_prompts([p for _, p in batch], encoder.pad_id)

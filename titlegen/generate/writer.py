@@ -1,6 +1,11 @@
 """Predict output: results are appended to a journal as they are produced, so a crashed or interrupted run
 continues where it stopped; the finished CSV (all input columns + ``description``, input order) appears at once
-through a temporary file and a rename, never half-written."""
+through a temporary file and a rename, never half-written.
+
+On several devices each rank takes its share of the batches and keeps its own journal
+(``<output>.partial.rank<R>.jsonl``); every rank reads all journals at the start (so a run resumes whatever the
+number of devices before), and rank 0 merges them into the one CSV at the end.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,13 @@ from titlegen.io import atomic_write
 log = logging.getLogger("titlegen")
 
 
-def journal_path(output: Path) -> Path:
-    return output.with_name(output.name + ".partial.jsonl")
+def journal_path(output: Path, rank: int = 0, world: int = 1) -> Path:
+    return output.with_name(output.name + (".partial.jsonl" if world == 1 else f".partial.rank{rank}.jsonl"))
+
+
+def journals(output: Path) -> list[Path]:
+    """Every journal of ``output``, from a run on any number of devices."""
+    return sorted(output.parent.glob(output.name + ".partial*.jsonl"))
 
 
 class CSVPredictionWriter(BasePredictionWriter):
@@ -39,7 +49,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         self.output, self.fingerprint, self.column = Path(output), fingerprint, column
         self.done: dict[int, dict] = {}
         self._journal = None
-        self._started, self._titles = 0.0, 0
+        self._started, self._titles, self._resumed = 0.0, 0, 0
 
     def _header(self, dm) -> dict:
         src = dm.predict_input.path
@@ -52,27 +62,36 @@ class CSVPredictionWriter(BasePredictionWriter):
             return
         dm = trainer.datamodule
         self.column = output_column(dm.predict_input.header, self.column)
-        header, path = self._header(dm), journal_path(self.output)
-        self.done = self._read_journal(path, header)
-        if self.done:
-            log.info("predict: resuming from %s (%d of %d rows already done)", path, len(self.done),
-                     len(dm.predict_input.rows))
-        dm.predict_skip = set(self.done)
+        header, path = self._header(dm), journal_path(self.output, trainer.global_rank, trainer.world_size)
+        self.done = self._read_journals(header)
+        if self.done and trainer.global_rank == 0:
+            log.info("predict: resuming from %s (%d of %d rows already done)", self.output.name + ".partial*.jsonl",
+                     len(self.done), len(dm.predict_input.rows))
+        self._resumed = len(self.done)
+        dm.predict_skip = set(self.done)  # the same on every rank, so each takes the same share of what is left
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.done
+        trainer.strategy.barrier()  # every rank has read every journal before any rank starts writing its own
+        fresh = not self._read_journal(path, header, warn=False)
         self._journal = path.open("w" if fresh else "a", encoding="utf-8")
         if fresh:
             self._append(header)
         self._started, self._titles = time.perf_counter(), 0
 
+    def _read_journals(self, header: dict) -> dict[int, dict]:
+        done: dict[int, dict] = {}
+        for path in journals(self.output):
+            done.update(self._read_journal(path, header))
+        return done
+
     @staticmethod
-    def _read_journal(path: Path, header: dict) -> dict[int, dict]:
+    def _read_journal(path: Path, header: dict, warn: bool = True) -> dict[int, dict]:
         if not path.is_file():
             return {}
         lines = path.read_text(encoding="utf-8").splitlines()
         try:
             if not lines or json.loads(lines[0]) != header:
-                log.warning("predict: %s belongs to another input or model; starting over", path)
+                if warn:
+                    log.warning("predict: %s belongs to another input or model; starting over", path)
                 return {}
         except json.JSONDecodeError:
             return {}
@@ -99,13 +118,16 @@ class CSVPredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._journal.close()
+        trainer.strategy.barrier()  # every rank's journal is complete
         if trainer.global_rank != 0:
             return
         predict_input = trainer.datamodule.predict_input
+        self.done = self._read_journals(self._header(trainer.datamodule))
         write_csv(self.output, predict_input.header + [self.column], predict_input.rows, self.done)
-        journal_path(self.output).unlink(missing_ok=True)
+        for path in journals(self.output):
+            path.unlink(missing_ok=True)
         stopped = sum(1 for d in self.done.values() if d["stopped"])
-        rate = self._titles / max(time.perf_counter() - self._started, 1e-9)
+        rate = (len(self.done) - self._resumed) / max(time.perf_counter() - self._started, 1e-9)  # all ranks
         pl_module.print(f"predictions: {self.output} ({len(predict_input.rows)} rows; "
                         f"{stopped}/{len(self.done)} descriptions ended with EOS; {rate:.2f} titles/s)")
 
