@@ -61,9 +61,10 @@ class PredictInput:
         long = [i for i, p in prompts.items() if len(p) > limit]
         if not long:
             return
-        if len(encoder.prompt_ids([""])[0]) >= limit:
-            raise TitlegenError(f"the prompt template alone takes {len(encoder.prompt_ids([''])[0])} tokens; the "
-                                f"model's context leaves {limit} beside model.generation.max_new_tokens")
+        template = len(encoder.prompt_ids([""])[0])
+        if template >= limit:
+            raise TitlegenError(f"the prompt template alone takes {template} tokens; the model's context leaves "
+                                f"{limit} beside model.generation.max_new_tokens")
         for i in long:
             lo, hi = 0, len(self.titles[i])  # the longest title prefix whose prompt fits (binary search)
             while lo < hi:
