@@ -42,15 +42,24 @@ PACKED = ["--data.packing", "true", "--model.backbone.attn_implementation", "tit
           "--trainer.accumulate_grad_batches", "1", "--model.loss_chunk_tokens", "512"]
 FAST = PACKED + ["--data.max_tokens", "8192", "--data.max_length", "1024", "--model.backbone.checkpoint_fraction", "1.0"]
 LIGER = ["--model.backbone.liger_kernel", "true"]
+OFFLOAD = ["--model.backbone.offload_activations", "true"]
+COMPILE = ["--model.backbone.compile_layers", "true"]
+RECIPE = PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"]
 # name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4)
 VARIANTS = {
     # 8192 tokens per step, examples cut at 1024 tokens: as the strongest TRL peer (trl-packed-bs8, 8 x 1024).
     "fast": FAST,
     "fast-liger": FAST + LIGER,
+    "fast-offload": FAST + OFFLOAD,
+    "fast-compile": FAST + COMPILE,
+    "fast-offload-compile": FAST + OFFLOAD + COMPILE,
     "fast-16k": PACKED + ["--data.max_tokens", "16384", "--data.max_length", "1024"] + LIGER,
     # The notebook's recipe (same LoRA, same 8-bit AdamW, 8 examples per optimizer step, max length 2048),
     # the 8 examples packed into one row instead of 8 accumulated micro-batches of one.
     "recipe": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"],
+    "recipe-compile": RECIPE + COMPILE,
+    "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + ["--model.backbone.checkpoint_fraction", "0.5"],
+    "recipe-ck75-offload-compile": RECIPE + OFFLOAD + COMPILE + ["--model.backbone.checkpoint_fraction", "0.75"],
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],

@@ -36,6 +36,8 @@ class BenchClock(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # A warm-up step: profiling slows the step it watches, so it must stay out of the timed window.
         if self.profile and batch_idx == max(0, self.warmup - 2) and self._prof is None:
+            self._sync()
+            self._prof_t0 = time.perf_counter()
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                             torch.profiler.ProfilerActivity.CUDA])
             self._prof.__enter__()
@@ -47,7 +49,17 @@ class BenchClock(L.Callback):
         self.marks.append((time.perf_counter(), self.tokens, self.padded))
         if self._prof is not None and batch_idx == max(0, self.warmup - 2):
             self._prof.__exit__(None, None, None)
-            print(self._prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+            self._report_profile(time.perf_counter() - self._prof_t0)
+
+    def _report_profile(self, wall: float) -> None:
+        """Top kernels, top host-side ops, and how busy the GPU was over the profiled step."""
+        averages = self._prof.key_averages()
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        kernels = [e for e in self._prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        print(json.dumps({"profiled_step_s": round(wall, 3), "gpu_busy_s": round(busy, 3),
+                          "gpu_busy_share": round(busy / wall, 3), "kernels": len(kernels)}), flush=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         (t0, k0, p0), (t1, k1, p1) = self.marks[self.warmup - 1], self.marks[-1]

@@ -55,6 +55,13 @@ make_data([[32, 2015]], 128256, 256, Path('$OUT/long.jsonl'))" 2>&1 | grep -i er
     /usr/bin/time -f "wall %e s" python -m titlegen fit $OOM_ARGS 2>&1 | grep -E "titlegen: error|wall"; echo "exit ${PIPESTATUS[0]}"
     /usr/bin/time -f "wall %e s" python -m titlegen fit $OOM_ARGS --model.oom_backoff true 2>&1 \
       | grep -E "out of GPU memory|titlegen: error|wall|Error"; echo "exit ${PIPESTATUS[0]}" ;;
+  levers)  # titlegen alone: each variant's tokens/s and peak memory, profiles in $OUT/levers-*.log
+    for set in "${FVARIANTS:-fast,fast-offload,fast-compile,fast-offload-compile}" \
+               "${RVARIANTS:-recipe,recipe-compile,recipe-ck50-offload-compile}"; do
+      python scripts/bench/benchmark.py --lengths $B/lengths_chars.json --variants "$set" --out "$OUT/ours.jsonl" \
+        --profile ${OURS_ARGS:---warmup 4 --steps 8} > "$OUT/levers-${set%%,*}.log" 2>&1
+      grep -E '^\{' "$OUT/levers-${set%%,*}.log"
+    done ;;
   profile-predict)
     python scripts/bench/profile_predict.py --batch ${BATCH:-1024} ${PROFILE_ARGS:-} 2>"$OUT/profile.err" | grep -v Warning | tail -45 ;;
 esac

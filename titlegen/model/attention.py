@@ -36,6 +36,7 @@ def _varlen_kernel():
     return varlen_attn
 
 
+@torch.compiler.disable  # under model.backbone.compile_layers: the kernel runs as is, between compiled parts
 def _cuda_varlen(q, k, v, cu, max_len, scaling):
     """(T, H, D) inputs; causal within each segment."""
     kernel = _varlen_kernel()

@@ -15,8 +15,10 @@ from typing import Literal
 import torch
 
 from titlegen.errors import TitlegenError
+from titlegen.model import fused
 from titlegen.model.attention import register_attentions
 from titlegen.model.lora import unwrap
+from titlegen.model.offload import offloaded_checkpoint
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -38,6 +40,13 @@ class BackboneConfig:
             activations. Between 0 and 1 it trades memory for speed where all-or-nothing does not fit.
         liger_kernel: Swap in Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (GPU; needs
             ``liger-kernel``).
+        offload_activations: Keep the recomputed layers' inputs in pinned CPU memory instead of on the GPU
+            (copied while the GPU computes); the memory they took grows with tokens per step (2 GiB at 8,192
+            tokens on a 32-layer 4,096-wide model).
+        compile_layers: ``torch.compile`` each decoder layer's parts (attention, MLP, norms) for training: fused
+            element-wise kernels and fewer saved activations; the first steps take longer while it compiles.
+        fused_lora: Train each SwiGLU MLP and each other adapted projection as one fused autograd function
+            (the same math as PEFT with less host time and fewer saved activations; ``titlegen/model/fused.py``).
         trust_remote_code: Run the Python files a model directory ships (its own model or tokenizer code). Off:
             such a model stops with one line saying so. Turn it on only for a model whose code you trust.
     """
@@ -50,11 +59,17 @@ class BackboneConfig:
     gradient_checkpointing: bool = True
     checkpoint_fraction: float = 1.0
     liger_kernel: bool = False
+    offload_activations: bool = False
+    compile_layers: bool = False
+    fused_lora: bool = False
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.checkpoint_fraction <= 1.0:
             raise TitlegenError(f"model.backbone.checkpoint_fraction: got {self.checkpoint_fraction}, expected 0..1")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise TitlegenError("model.backbone.offload_activations: needs model.backbone.gradient_checkpointing "
+                                "true (it offloads the inputs of the recomputed layers)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -131,13 +146,16 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings, so no enable_input_require_grads hack.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        limit_checkpointing(model, cfg.checkpoint_fraction)
+        layers = limit_checkpointing(model, cfg.checkpoint_fraction)
+        if cfg.offload_activations:
+            for layer in layers:
+                layer._gradient_checkpointing_func = offloaded_checkpoint
     model.config.use_cache = not cfg.gradient_checkpointing
     return model
 
 
-def limit_checkpointing(model: torch.nn.Module, fraction: float) -> int:
-    """Keep recomputation on the first ``fraction`` of the decoder layers only; returns how many recompute."""
+def limit_checkpointing(model: torch.nn.Module, fraction: float) -> list[torch.nn.Module]:
+    """Keep recomputation on the first ``fraction`` of the decoder layers only; returns those layers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if not 0.0 <= fraction <= 1.0:
@@ -146,7 +164,27 @@ def limit_checkpointing(model: torch.nn.Module, fraction: float) -> int:
     keep = round(fraction * len(layers))
     for layer in layers[keep:]:
         layer.gradient_checkpointing = False
-    return keep
+    return layers[:keep]
+
+
+def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> None:
+    """The training-speed options that act on the model with its adapter attached."""
+    if cfg.fused_lora:
+        fused.install(model)
+    if cfg.compile_layers and fit:
+        compile_layers(model)
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Compile the parts of every decoder layer (one compiled graph shared by all layers; token counts vary, so
+    shapes are dynamic). Checkpointing stays outside, around the whole layer. Returns the parts compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    parts = [child for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)
+             for child in layer.children()]
+    for part in parts:
+        part.compile(dynamic=True)
+    return len(parts)
 
 
 def apply_liger(model: torch.nn.Module) -> None:

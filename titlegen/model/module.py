@@ -61,8 +61,7 @@ class TitleGenModule(L.LightningModule):
         super().__init__()
         self.backbone_cfg, self.lora = backbone, lora
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
-        self.schedule = scheduler
-        self.generation = generation
+        self.schedule, self.generation = scheduler, generation
         self.adapter_path, self.loss_chunk_tokens = adapter_path, loss_chunk_tokens
         self.merge_for_predict, self.eval_generation = merge_for_predict, eval_generation
         self.oom_backoff = OomBackoff() if oom_backoff else None
@@ -90,6 +89,7 @@ class TitleGenModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
         self.tokenizer = bb.load_tokenizer(self.backbone_cfg.name_or_path, self.backbone_cfg.trust_remote_code)
         self._decoder = bb.split_decoder(self.model)
+        bb.prepare_training(self.model, self.backbone_cfg, fit=self._trainer is not None and self.trainer.state.fn == "fit")
         context = getattr(self.model.config, "max_position_embeddings", None)
         if self._trainer is not None and self.trainer.datamodule is not None and context:
             # predict cuts titles whose prompt would leave no room for the tokens to generate

@@ -1,0 +1,66 @@
+"""The fused QLoRA paths give PEFT's loss and gradients (real NF4 weights on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titlegen.model import backbone as bb
+from titlegen.model import fused, lora
+
+
+def _run(model_dir, fuse: bool, autocast: bool, dropout: float = 0.0, **backbone):
+    cfg = bb.BackboneConfig(name_or_path=str(model_dir), **backbone)
+    torch.manual_seed(0)
+    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")),
+                             lora.LoraSettings(r=4, alpha=8, dropout=dropout)).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would give A no gradient
+    changed = fused.install(model) if fuse else 0
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, changed, model
+
+
+@pytest.mark.parametrize("autocast,tol", [(False, 2e-5), (True, 3e-2)], ids=["fp32", "bf16-autocast"])
+def test_fused_paths_give_peft_gradients(tiny_model_dir, autocast, tol):
+    loss, ref, _, _ = _run(tiny_model_dir, fuse=False, autocast=autocast)
+    loss_f, got, changed, model = _run(tiny_model_dir, fuse=True, autocast=autocast)
+    assert changed == 2 * (1 + 4)  # per layer: the MLP, and q, k, v, o
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, 3, layer.mlp.gate_proj.in_features)
+    assert "_SwiGLU" in layer.mlp(x).grad_fn.name() and "_Linear" in layer.self_attn.q_proj(x).grad_fn.name()
+    assert loss_f == pytest.approx(loss, rel=tol / 10)
+    assert ref.keys() == got.keys() and len(got) == 2 * 7 * 2
+    for name in ref:
+        scale = ref[name].abs().max()
+        assert scale > 0, name
+        assert (got[name] - ref[name]).abs().max() <= tol * scale, name
+
+
+def test_fused_with_checkpointing_and_offload(tiny_model_dir):
+    loss, ref, _, _ = _run(tiny_model_dir, fuse=False, autocast=False, gradient_checkpointing=False)
+    loss_f, got, _, _ = _run(tiny_model_dir, fuse=True, autocast=False, offload_activations=True)
+    assert loss_f == pytest.approx(loss, rel=1e-5)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=2e-5 * ref[name].abs().max().item())
+
+
+def test_dropout_adapter_off_and_no_grad_take_peft_paths(tiny_model_dir):
+    loss, ref, _, _ = _run(tiny_model_dir, fuse=False, autocast=False, dropout=0.3)
+    torch.manual_seed(0)
+    loss_f, got, _, model = _run(tiny_model_dir, fuse=True, autocast=False, dropout=0.3)
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(1, 3, mlp.gate_proj.in_features)
+    assert fused.swiglu_mlp(mlp, x) is None  # dropout: PEFT's forward
+    model.eval()
+    with torch.no_grad():
+        ids = torch.arange(3, 20)[None]
+        with lora.adapter_off(model):
+            base = model(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+    assert not torch.equal(base, adapted)  # the adapter switches off and on through the fused modules
