@@ -44,6 +44,8 @@ FAST = PACKED + ["--data.max_tokens", "8192", "--data.max_length", "1024", "--mo
 LIGER = ["--model.backbone.liger_kernel", "true"]
 OFFLOAD = ["--model.backbone.offload_activations", "true"]
 COMPILE = ["--model.backbone.compile_layers", "true"]
+FUSED = ["--model.backbone.fused_lora", "true"]
+CK50 = ["--model.backbone.checkpoint_fraction", "0.5"]
 RECIPE = PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"]
 # name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4)
 VARIANTS = {
@@ -53,6 +55,13 @@ VARIANTS = {
     "fast-offload": FAST + OFFLOAD,
     "fast-compile": FAST + COMPILE,
     "fast-offload-compile": FAST + OFFLOAD + COMPILE,
+    "fast-fused": FAST + FUSED,
+    "fast-fused-offload": FAST + FUSED + OFFLOAD,
+    "fast-fused-compile": FAST + FUSED + COMPILE,
+    "fast-fused-offload-compile": FAST + FUSED + OFFLOAD + COMPILE,
+    "recipe-fused": RECIPE + FUSED,
+    "recipe-fused-ck50-offload": RECIPE + FUSED + OFFLOAD + CK50,
+    "recipe-fused-ck50-offload-compile": RECIPE + FUSED + OFFLOAD + COMPILE + CK50,
     "fast-16k": PACKED + ["--data.max_tokens", "16384", "--data.max_length", "1024"] + LIGER,
     # The notebook's recipe (same LoRA, same 8-bit AdamW, 8 examples per optimizer step, max length 2048),
     # the 8 examples packed into one row instead of 8 accumulated micro-batches of one.
