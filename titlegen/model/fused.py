@@ -79,8 +79,16 @@ class _Linear(torch.autograd.Function):
         return dx.view(ctx.shape), da.to(a.dtype), db.to(b.dtype), None, None
 
 
+CHUNK_ROWS = 2048  # the MLP's (tokens x intermediate) temporaries are made this many tokens at a time
+
+
+def _chunks(n: int):
+    return [slice(i, min(i + CHUNK_ROWS, n)) for i in range(0, n, CHUNK_ROWS)]
+
+
 class _SwiGLU(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)), each projection with its adapter; saves x, gate(x) and up(x) only."""
+    """down(silu(gate(x)) * up(x)), each projection with its adapter; saves x, gate(x) and up(x) only, and makes
+    the (tokens x intermediate) temporaries of the product and its gradients a chunk of tokens at a time."""
 
     @staticmethod
     def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales):
@@ -88,7 +96,13 @@ class _SwiGLU(torch.autograd.Function):
         lo = [t.to(x.dtype) for t in (ag, bg, au, bu, ad, bd)]
         e, xag = _project(x2, bases[0], lo[0], lo[1], scales[0])
         u, xau = _project(x2, bases[1], lo[2], lo[3], scales[1])
-        y, had = _project(F.silu(e) * u, bases[2], lo[4], lo[5], scales[2])
+        w_down = _dense(bases[2], x.dtype)
+        y = x2.new_empty(x2.shape[0], w_down.shape[0])
+        had = x2.new_empty(x2.shape[0], lo[4].shape[0])
+        for rows in _chunks(x2.shape[0]):
+            h = F.silu(e[rows]) * u[rows]
+            torch.mm(h, lo[4].t(), out=had[rows])
+            torch.mm(h, w_down.t(), out=y[rows]).addmm_(had[rows], lo[5].t(), alpha=scales[2])
         ctx.save_for_backward(x2, e, u, xag, xau, had, ag, bg, au, bu, ad, bd)
         ctx.bases, ctx.scales, ctx.shape = bases, scales, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -97,19 +111,35 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         x2, e, u, xag, xau, had, *lora = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        ag, bg, au, bu, ad, bd = (t.to(x2.dtype) for t in lora)
-        (gate, up, down), (sg, su, sd) = ctx.bases, ctx.scales
-        sig = torch.sigmoid(e)
-        act = e * sig
-        dh, dad, dbd = _project_grad(dy, act * u, had, down, ad, bd, sd)
-        du = dh * act
-        de = dh * u * (sig * (1 + e * (1 - sig)))  # d silu(e) / de = sig (1 + e (1 - sig))
-        del dh, act, sig
-        dx, dag, dbg = _project_grad(de, x2, xag, gate, ag, bg, sg)
-        dx_up, dau, dbu = _project_grad(du, x2, xau, up, au, bu, su)
-        dx += dx_up
-        grads = (dag, dbg, dau, dbu, dad, dbd)
+        lo = [t.to(x2.dtype) for t in lora]
+        weights = [_dense(base, x2.dtype) for base in ctx.bases]
+        grads = [torch.zeros_like(t, dtype=torch.float32) for t in lora]
+        dx = torch.empty_like(x2)
+        for rows in _chunks(x2.shape[0]):
+            _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, weights, ctx.scales)
         return (dx.view(ctx.shape), *(g.to(t.dtype) for g, t in zip(grads, lora)), None, None)
+
+
+def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, weights, scales) -> None:
+    """The MLP's backward for one chunk of tokens: writes ``dx[rows]``, adds to the adapter ``grads``."""
+    (ag, bg, au, bu, ad, bd), (w_gate, w_up, w_down), (sg, su, sd) = lo, weights, scales
+    e, u, dy, x = e[rows], u[rows], dy[rows], x2[rows]
+    sig = torch.sigmoid(e)
+    act = e * sig
+    dyb = dy @ bd
+    grads[4] += (dyb.t() @ (act * u)).float() * sd  # dA of down: its input was silu(e) * u
+    grads[5] += (dy.t() @ had[rows]).float() * sd
+    dh = torch.addmm(dy @ w_down, dyb, ad, alpha=sd)
+    du = act.mul_(dh)  # d/du (silu(e) u) = silu(e)
+    de = torch.sub(1, sig).mul_(e).add_(1).mul_(sig).mul_(u).mul_(dh)  # silu'(e) = sig (1 + e (1 - sig))
+    del dh, sig
+    deb, dub = de @ bg, du @ bu
+    out = torch.mm(de, w_gate, out=dx[rows])
+    out.addmm_(du, w_up).addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
+    grads[0] += (deb.t() @ x).float() * sg
+    grads[1] += (de.t() @ xag[rows]).float() * sg
+    grads[2] += (dub.t() @ x).float() * su
+    grads[3] += (du.t() @ xau[rows]).float() * su
 
 
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:

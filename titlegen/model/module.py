@@ -24,6 +24,7 @@ from titlegen.model.lora import LoraSettings, adapter_off, attach_lora, cast_ada
 from titlegen.model.loss import response_loss
 from titlegen.model.merge import merge_into_dense
 from titlegen.model.microbatch import OomBackoff, rows_in
+from titlegen.model.optim import without_gpu_syncs
 from titlegen.model.schedule import ScheduleSettings, build_scheduler, resize_note
 
 log = logging.getLogger("titlegen")
@@ -155,7 +156,7 @@ class TitleGenModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise TitlegenError("nothing to train: the model has no trainable (LoRA) parameters")
-        optimizer = self.optimizer_factory(params)
+        optimizer = without_gpu_syncs(self.optimizer_factory(params))
         total = self._schedule_steps = int(self.trainer.estimated_stepping_batches)
         resumed = self._resumed_schedule
         if resumed and resumed[1] != total:  # max_steps/epochs changed: say what that does to the rate
