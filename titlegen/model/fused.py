@@ -152,6 +152,7 @@ def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
         return _Linear.apply(x.to(_compute_dtype(x)), a, b, layer.base_layer, scale)
 
 
+@torch.compiler.disable  # dynamo cannot trace the chunked backward; under compile_layers this part runs as is
 def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
     """The fused MLP, or None where the model's own forward must run."""
     adapters = [_adapter(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
