@@ -150,14 +150,14 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 class SignalAt(L.Callback):
     """Sends this process ``signal`` once the run has finished optimizer step ``step`` (a preemption, a Ctrl-C)."""
 
-    def __init__(self, step: int = 3, signal: str = "SIGTERM") -> None:
-        self.step, self.signal = step, signal
+    def __init__(self, step: int = 3, signal: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step, self.signal, self.rank = step, signal, rank  # rank: only that process gets it (None: every one)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import os
         import signal
 
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 

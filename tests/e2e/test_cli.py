@@ -147,18 +147,37 @@ def test_every_config_parses(config, capsys):
         assert "backbone:" in printed and "prompt:" in printed
 
 
-def test_ddp_two_processes_on_cpu(setup):
-    """The multi-GPU path, on 2 CPU processes (gloo): each rank trains on its own shard of the batches."""
-    tmp, cfg = setup
+def _ddp_fit(cfg, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    # LoRA without dropout, recomputed and offloaded layers and the fused projections: the GPU recipe's levers.
     cmd = [sys.executable, "-m", "titlegen", "fit", "--config", str(cfg), "--trainer.accelerator", "cpu",
-           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
-           "--trainer.val_check_interval", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp / "runs" / "version_0"
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4",
+           "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(root), "--model.lora.dropout", "0",
+           "--model.backbone.gradient_checkpointing", "true", "--model.backbone.offload_activations", "true",
+           "--model.backbone.fused_lora", "true", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_ddp_two_processes_on_cpu_stop_on_one_rank_and_resume(setup):
+    """The multi-GPU path on 2 CPU processes (gloo): each rank trains on its own shard of the batches. A SIGTERM
+    that reaches only the second process stops both after the same step with last.ckpt written, and the resumed
+    run logs the losses of an uninterrupted one."""
+    tmp, cfg = setup
+    full = _ddp_fit(cfg, tmp / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = tmp / "full" / "version_0"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    assert sorted(scalars(run_dir, "train/loss")) == [0, 1]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    stopped = _ddp_fit(cfg, tmp / "part", "--trainer.callbacks+=tests.helpers.SignalAt", "--trainer.callbacks.step=2",
+                       "--trainer.callbacks.rank=1")
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 2" in stopped.stderr, stopped.stderr[-3000:]
+    part = tmp / "part" / "version_0"
+    assert torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = _ddp_fit(cfg, tmp / "part", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = scalars(run_dir, "train/loss"), scalars(part, "train/loss")
+    assert sorted(expected) == sorted(got) == [0, 1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
 def test_validate_reports_generation_metrics(setup):
