@@ -180,6 +180,32 @@ def test_ddp_two_processes_on_cpu_stop_on_one_rank_and_resume(setup):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+def test_two_nodes_under_torchrun_on_cpu(setup):
+    """The multi-node recipe as far as one machine allows: two torchrun "nodes" of one CPU process each (gloo),
+    the README's command with --trainer.num_nodes 2. Both nodes' first processes prepare the data into one cache
+    folder (a shared file system): one builds it, the other waits for it."""
+    import socket
+
+    tmp, cfg = setup
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "titlegen", "fit", "--config",
+         str(cfg), "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+         "--trainer.strategy", "ddp", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for rank in (0, 1)]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert sum(log.count("data: cleaning and tokenizing") for log in logs) == 1
+    run_dir = tmp / "runs" / "version_0"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert sorted(scalars(run_dir, "train/loss")) == [0, 1]
+    assert not (tmp / "runs" / "version_1").exists()  # one run directory, written by global rank 0
+
+
 def test_validate_reports_generation_metrics(setup):
 
     tmp, cfg = setup

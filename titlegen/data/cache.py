@@ -3,6 +3,8 @@ depend on, so a second run with the same file and settings maps them in seconds 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -57,14 +59,33 @@ def cache_key(path: Path, split: SplitSettings, encoder: Encoder) -> str:
 def load_or_build(path: Path, split: SplitSettings, encoder: Encoder, cache_dir: Path) -> Path:
     """The cache directory for these settings, building it first if it does not exist yet."""
     target = cache_dir / f"{path.name.split('.')[0]}-{cache_key(path, split, encoder)}"
-    if (target / "stats.json").is_file():
-        stats = Counter(json.loads((target / "stats.json").read_text()))
-        log.info("data: using cached splits %s (%s)", target, _summary(stats))
-        return target
-    log.info("data: cleaning and tokenizing %s (once; cached in %s)", path, target)
-    stats = build(path, split, encoder, target, _summary)
-    log.info("data: %s", _summary(stats))
+    if not (target / "stats.json").is_file():
+        with _build_lock(target):  # another process may be building it right now: wait, then use its result
+            if not (target / "stats.json").is_file():
+                log.info("data: cleaning and tokenizing %s (once; cached in %s)", path, target)
+                stats = build(path, split, encoder, target, _summary)
+                log.info("data: %s", _summary(stats))
+                return target
+    stats = Counter(json.loads((target / "stats.json").read_text()))
+    log.info("data: using cached splits %s (%s)", target, _summary(stats))
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """One builder per cache at a time, across processes: several nodes' first processes preparing the data on a
+    shared file system, or two runs started together. The lock file stays (removing it would race)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("data: another process is building %s; waiting for it", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _summary(stats: Counter) -> str:
