@@ -55,6 +55,7 @@ def test_dropout_adapter_off_and_no_grad_take_peft_paths(tiny_model_dir):
     loss, ref, _, _ = _run(tiny_model_dir, fuse=False, autocast=False, dropout=0.3)
     torch.manual_seed(0)
     loss_f, got, _, model = _run(tiny_model_dir, fuse=True, autocast=False, dropout=0.3)
+    assert fused.with_dropout(model) == 2 * 7
     mlp = model.get_base_model().model.layers[0].mlp
     x = torch.randn(1, 3, mlp.gate_proj.in_features)
     assert fused.swiglu_mlp(mlp, x) is None  # dropout: PEFT's forward

@@ -7,6 +7,7 @@ and by the ``hf`` engine in :mod:`titlegen.generate.engines`; everything else se
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from titlegen.model.attention import register_attentions
 from titlegen.model.lora import unwrap
 from titlegen.model.offload import offloaded_checkpoint
 
+log = logging.getLogger("titlegen")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -171,6 +173,9 @@ def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> 
     """The training-speed options that act on the model with its adapter attached."""
     if cfg.fused_lora:
         fused.install(model)
+        if fused.with_dropout(model):
+            log.warning("model.backbone.fused_lora: the LoRA dropout is above 0, so the adapted projections run "
+                        "PEFT's own path (set model.lora.dropout 0 for the fused one)")
     if cfg.compile_layers and fit:
         compile_layers(model)
 

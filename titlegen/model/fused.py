@@ -191,3 +191,9 @@ def install(model: torch.nn.Module) -> int:
 def _is_silu(mlp) -> bool:
     act = getattr(mlp, "act_fn", None)
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def with_dropout(model: torch.nn.Module) -> int:
+    """How many LoRA layers have dropout, which keeps them on PEFT's path."""
+    return sum(1 for m in model.modules() if hasattr(m, "lora_dropout")
+               and any(not isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values()))
