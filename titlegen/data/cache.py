@@ -76,7 +76,7 @@ def _build_lock(target: Path):
     """One builder per cache at a time, across processes: several nodes' first processes preparing the data on a
     shared file system, or two runs started together. The lock file stays (removing it would race)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "a") as handle:
+    with open(target.with_name(f".{target.name}.lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
