@@ -47,7 +47,9 @@ COMPILE = ["--model.backbone.compile_layers", "true"]
 FUSED = ["--model.backbone.fused_lora", "true"]
 CK50 = ["--model.backbone.checkpoint_fraction", "0.5"]
 RECIPE = PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"]
-# name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4)
+# name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4;
+# since 2026-12-02 it packs and has fused_lora on: the "-peft" variants switch the fusion off)
+UNFUSED = ["--model.backbone.fused_lora", "false"]
 VARIANTS = {
     # 8192 tokens per step, examples cut at 1024 tokens: as the strongest TRL peer (trl-packed-bs8, 8 x 1024).
     "fast": FAST,
@@ -55,6 +57,8 @@ VARIANTS = {
     "fast-offload": FAST + OFFLOAD,
     "fast-compile": FAST + COMPILE,
     "fast-offload-compile": FAST + OFFLOAD + COMPILE,
+    "fast-peft": FAST + UNFUSED,
+    "recipe-peft": RECIPE + UNFUSED,
     "fast-fused": FAST + FUSED,
     "fast-fused-offload": FAST + FUSED + OFFLOAD,
     "fast-fused-compile": FAST + FUSED + COMPILE,

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 source .gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 B=.gpu/bench
-VARIANTS=${VARIANTS:-fast,recipe}
+VARIANTS=${VARIANTS:-fast-offload-compile,recipe}  # the README's fast path and configs/llama3-8b-qlora.yaml
 python -c "import torch, inspect; from torch.nn.attention import varlen; print('torch', torch.__version__, \
 torch.cuda.get_device_name(), 'varlen_attn', inspect.signature(varlen.varlen_attn))" 2>&1 | tail -1
 peer() { python $B/peer_bench.py --lengths $B/lengths_chars.json --variants $B/peer_variants.json --only "$1" \
