@@ -28,6 +28,18 @@ def check_settings(cfg) -> None:
         if value is not None:
             cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
     check_backoff(cfg)
+    check_sharding(cfg)
+
+
+def check_sharding(cfg) -> None:
+    """FSDP with 4-bit weights needs them stored in the parameter dtype (bnb_4bit_quant_storage); titlegen keeps
+    them as uint8, which FSDP cannot shard with the adapter: say so before minutes of loading, not after."""
+    strategy = str((cfg.get("trainer") or {}).get("strategy") or "")
+    quantization = ((cfg.get("model") or {}).get("backbone") or {}).get("quantization", "nf4")
+    if "fsdp" in strategy.lower() and quantization != "none":
+        raise TitlegenError(f"trainer.strategy {strategy} with model.backbone.quantization {quantization}: FSDP of "
+                            "4-bit weights is not supported yet; use --trainer.strategy ddp (one 4-bit copy per GPU)"
+                            " or --model.backbone.quantization none")
 
 
 def check_backoff(cfg) -> None:

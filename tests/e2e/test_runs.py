@@ -131,3 +131,11 @@ def test_a_validation_interval_longer_than_the_epoch_is_one_line(cfg, capsys):
                "--trainer.check_val_every_n_epoch", "1") == 2
     err = capsys.readouterr().err
     assert err.startswith("titlegen: error: `val_check_interval` (500)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "lightning.pytorch.strategies.FSDPStrategy"])
+def test_fsdp_of_4bit_weights_is_one_line_before_loading(cfg, capsys, strategy):
+    assert run("fit", "--config", str(cfg), "--trainer.strategy", strategy, "--trainer.devices", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"titlegen: error: trainer.strategy {strategy} with model.backbone.quantization nf4")
+    assert "--trainer.strategy ddp" in err and err.count("\n") == 1
