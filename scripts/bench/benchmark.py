@@ -71,8 +71,7 @@ VARIANTS = {
     # the 8 examples packed into one row instead of 8 accumulated micro-batches of one.
     "recipe": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"],
     "recipe-compile": RECIPE + COMPILE,
-    "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + ["--model.backbone.checkpoint_fraction", "0.5"],
-    "recipe-ck75-offload-compile": RECIPE + OFFLOAD + COMPILE + ["--model.backbone.checkpoint_fraction", "0.75"],
+    "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + CK50,
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],

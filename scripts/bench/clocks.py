@@ -56,10 +56,13 @@ class BenchClock(L.Callback):
         averages = self._prof.key_averages()
         print(averages.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
         print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
-        kernels = [e for e in self._prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        # As the table's "Self CUDA time total": device events, less the GPU-side ranges of user annotations
+        # (e.g. "Optimizer.step#..."), which span other kernels and would count them twice.
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
         print(json.dumps({"profiled_step_s": round(wall, 3), "gpu_busy_s": round(busy, 3),
-                          "gpu_busy_share": round(busy / wall, 3), "kernels": len(kernels)}), flush=True)
+                          "gpu_busy_share": round(busy / wall, 3), "kernels": sum(e.count for e in kernels)}), flush=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         (t0, k0, p0), (t1, k1, p1) = self.marks[self.warmup - 1], self.marks[-1]
