@@ -81,6 +81,31 @@ def lora_model(model_dir: Path, quantization: str = "nf4", std: float = 0.05) ->
     return model
 
 
+def lora_grads(model_dir: Path, fuse: bool = False, autocast: bool = False, dropout: float = 0.0,
+               **backbone) -> tuple[float, dict[str, torch.Tensor], torch.nn.Module, int]:
+    """One forward + backward of the tiny model with a LoRA adapter (B non-zero, so A gets gradients): the loss,
+    every adapter gradient, the model and how many modules ``fuse`` rerouted. The same ids and dropout masks in
+    every call."""
+    from titlegen.model import backbone as bb
+    from titlegen.model import fused, lora
+
+    cfg = bb.BackboneConfig(name_or_path=str(model_dir), **backbone)
+    torch.manual_seed(0)
+    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")),
+                             lora.LoraSettings(r=4, alpha=8, dropout=dropout)).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    changed = fused.install(model) if fuse else 0
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, model, changed
+
+
 def tiny_config(tmp: Path, model_dir: Path, data: Path, **data_overrides) -> Path:
     """A config over base.yaml: tiny model, fixture data, short run, everything under ``tmp``."""
     cfg = {

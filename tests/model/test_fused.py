@@ -5,25 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titlegen.model import backbone as bb
+from tests.helpers import lora_grads
 from titlegen.model import fused, lora
 
 
 def _run(model_dir, fuse: bool, autocast: bool, dropout: float = 0.0, **backbone):
-    cfg = bb.BackboneConfig(name_or_path=str(model_dir), **backbone)
-    torch.manual_seed(0)
-    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")),
-                             lora.LoraSettings(r=4, alpha=8, dropout=dropout)).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would give A no gradient
-    changed = fused.install(model) if fuse else 0
-    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.item(), grads, changed, model
+    loss, grads, model, changed = lora_grads(model_dir, fuse=fuse, autocast=autocast, dropout=dropout, **backbone)
+    return loss, grads, changed, model
 
 
 @pytest.mark.parametrize("autocast,tol", [(False, 2e-5), (True, 3e-2)], ids=["fp32", "bf16-autocast"])

@@ -5,26 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import lora_grads
 from titlegen.errors import TitlegenError
 from titlegen.model import backbone as bb
-from titlegen.model import lora
 from titlegen.model.offload import offloaded_checkpoint
 
 
 def _grads(model_dir, autocast: bool, **backbone) -> tuple[float, dict[str, torch.Tensor]]:
-    cfg = bb.BackboneConfig(name_or_path=str(model_dir), **backbone)
-    torch.manual_seed(0)
-    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")),
-                             lora.LoraSettings(r=4, alpha=8, dropout=0.2)).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would give A no gradient
-    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(5)  # the same dropout masks in every run
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss, grads, _, _ = lora_grads(model_dir, autocast=autocast, dropout=0.2, **backbone)  # dropout: RNG replay
+    return loss, grads
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
