@@ -24,6 +24,9 @@ VARIANTS = {
     "nf4": ["--model.merge_for_predict", "false"],
     "merged": ["--model.merge_for_predict", "true"],
     "merged-ngram3": ["--model.merge_for_predict", "true", "--model.generation.no_repeat_ngram_size", "3"],
+    # before the CUDA graphs of the decoding step (2026-12-02)
+    "nf4-eager": ["--model.merge_for_predict", "false", "--model.generation.cuda_graphs", "false"],
+    "merged-eager": ["--model.merge_for_predict", "true", "--model.generation.cuda_graphs", "false"],
 }
 
 

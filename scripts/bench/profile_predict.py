@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--merged", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs for the decoding steps")
     ap.add_argument("--prompt-len", type=int, default=0, help="every prompt this long (default: 50-89 tokens); "
                     "short prompts leave the decode steps alone in the profile")
     ap.add_argument("--ckpt", default="/tmp/peer_ckpt/llama3-8b")
@@ -30,6 +31,7 @@ def main() -> None:
     ckpt = str(make_checkpoint("llama3-8b", Path(args.ckpt)))
     base = bb.load_base_model(bb.BackboneConfig(name_or_path=ckpt, gradient_checkpointing=False), torch.device("cuda"))
     model = lora.attach_lora(base, lora.LoraSettings(r=16)).eval()
+    lora.cast_adapter(model, torch.bfloat16)  # as predict does on a GPU
     if args.merged:
         model = merge_into_dense(model, torch.bfloat16).eval()
     tok = bb.load_tokenizer(ckpt)
@@ -39,7 +41,8 @@ def main() -> None:
     batch = {k: v.cuda() for k, v in collate_prompts(prompts, tok.pad_token_id).items()}
 
     def run(new: int) -> float:
-        s = GenerationSettings(max_new_tokens=new, min_new_tokens=new, no_repeat_ngram_size=0)
+        s = GenerationSettings(max_new_tokens=new, min_new_tokens=new, no_repeat_ngram_size=0,
+                               cuda_graphs=not args.eager)
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -49,7 +52,7 @@ def main() -> None:
 
     run(4)
     t1, t2 = run(1), run(33)
-    print(f"batch {args.batch} {'merged' if args.merged else 'nf4+lora'}: prefill+1 {t1:.2f} s, "
+    print(f"batch {args.batch} {'merged' if args.merged else 'nf4+lora'} {'eager' if args.eager else 'graphs'}: prefill+1 {t1:.2f} s, "
           f"decode {(t2 - t1) / 32 * 1e3:.1f} ms/step", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:

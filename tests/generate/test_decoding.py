@@ -34,9 +34,9 @@ def _hf(model, ids, mask, settings, eos_id):
     return torch.nn.functional.pad(new, (0, settings.max_new_tokens - new.shape[1]), value=0)
 
 
-def _ours(model, ids, mask, settings, eos_id):
+def _ours(model, ids, mask, settings, eos_id, static: bool = False):
     rule = no_repeat_rule(settings, ids.shape[1])
-    return decoding.generate_fast(model, ids, mask, settings, eos_id, 0, rule)
+    return decoding.generate_fast(model, ids, mask, settings, eos_id, 0, rule, static=static)
 
 
 def _frequent_token(model, ids, mask, settings) -> int:
@@ -47,9 +47,11 @@ def _frequent_token(model, ids, mask, settings) -> int:
     return int(counts.argmax())
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("rules", [dict(), dict(no_repeat_ngram_size=3, repetition_penalty=1.3, min_new_tokens=4)])
-def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, monkeypatch, nf4, rules):
+def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, monkeypatch, nf4, rules, static):
+    """static: the CUDA-graph cache layout (whole cache read, unwritten columns masked), run eagerly here."""
     monkeypatch.setattr(decoding, "CHECK_EVERY", 2)  # check (and drop finished rows) often
     model = _model(tiny_model_dir, nf4)
     ids, mask = _prompts(model)
@@ -58,10 +60,11 @@ def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, monkeypatch, 
     expected = _hf(model, ids, mask, settings, eos)
     stops = [(row == eos).nonzero()[0, 0].item() if (row == eos).any() else None for row in expected]
     assert len({s for s in stops}) >= 3, f"rows should finish at different steps: {stops}"
-    assert torch.equal(_ours(model, ids, mask, settings, eos), expected)
+    assert torch.equal(_ours(model, ids, mask, settings, eos, static), expected)
 
 
-def test_rows_leave_the_batch(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_rows_leave_the_batch(tiny_model_dir, monkeypatch, static):
     monkeypatch.setattr(decoding, "CHECK_EVERY", 1)
     sizes = []
     original = decoding.SlotCache.keep_rows
@@ -75,7 +78,7 @@ def test_rows_leave_the_batch(tiny_model_dir, monkeypatch):
     ids, mask = _prompts(model, rows=8, seed=3)
     settings = GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=0)
     eos = _frequent_token(model, ids, mask, settings)
-    assert torch.equal(_ours(model, ids, mask, settings, eos), _hf(model, ids, mask, settings, eos))
+    assert torch.equal(_ours(model, ids, mask, settings, eos, static), _hf(model, ids, mask, settings, eos))
     assert sizes and all(a > b for a, b in zip([8] + sizes, sizes)), sizes
 
 

@@ -12,46 +12,69 @@ cached head once; the host checks for finished rows every few steps only, and dr
 rows included) once enough have finished. Prefill runs the ordinary causal + padding attention once per batch.
 The model code is untouched: any transformers decoder that calls ``past_key_values.update(k, v, layer_idx)`` and
 dispatches attention through ``AttentionInterface`` (Llama, Mistral, Qwen2, SmolLM2, ...) works.
+
+On a GPU (``generation.cuda_graphs``) each step after the prefill is replayed as a CUDA graph
+(:mod:`titlegen.generate.graphs`): the cache is then "static": zero-filled, written at a position held on the
+device, and read over its whole capacity with the columns not yet written masked out.
 """
 
 from __future__ import annotations
 
 import torch
 
+from titlegen.generate.graphs import GraphedStep
 from titlegen.generate.rules import choose_tokens, process_scores
 from titlegen.model.attention import decode_attention
 
 CHECK_EVERY = 8  # steps between host checks for finished rows (each check is a device sync)
 COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
+GRAPH_MIN_STEPS = 4  # record a graph only when this many steps remain (recording costs about two eager steps)
 
 
 class SlotCache:
     """Per-layer K/V buffers of shape (rows, kv_heads, capacity, head_dim), filled left to right.
 
     ``update`` writes the new keys/values at the current length and returns views up to the new end; the caller
-    advances the length once per forward (all layers write at the same offset)."""
+    advances the length once per forward (all layers write at the same offset). Static mode (for CUDA graphs):
+    after :meth:`start_static`, one-token updates write at the device tensor ``write_at`` and return the whole
+    buffers, so a recorded step stays valid at every length."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, static: bool = False) -> None:
         self.capacity = capacity
         self.length = 0
+        self.static = static
+        self.write_at: torch.Tensor | None = None
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx not in self.keys:
             shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
-            self.keys[layer_idx] = key.new_empty(shape)
-            self.values[layer_idx] = value.new_empty(shape[:3] + (value.shape[3],))
+            # static: the unwritten columns are read (then masked); garbage there could be NaN, and 0 x NaN = NaN
+            make = key.new_zeros if self.static else key.new_empty
+            self.keys[layer_idx] = make(shape)
+            self.values[layer_idx] = make(shape[:3] + (value.shape[3],))
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.write_at is not None:
+            k.index_copy_(2, self.write_at, key)
+            v.index_copy_(2, self.write_at, value)
+            return k, v
         end = self.length + key.shape[2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} > {self.capacity} positions")
-        k, v = self.keys[layer_idx], self.values[layer_idx]
         k[:, :, self.length:end] = key
         v[:, :, self.length:end] = value
         return k[:, :, :end], v[:, :, :end]
 
+    def start_static(self) -> None:
+        """From now on (after the prefill) write one column at ``write_at`` and read the whole cache."""
+        device = next(iter(self.keys.values())).device
+        self.write_at = torch.tensor([self.length], device=device)
+
     def advance(self, n: int) -> None:
         self.length += n
+        if self.write_at is not None:
+            self.write_at.fill_(self.length)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         for store in (self.keys, self.values):
@@ -72,32 +95,76 @@ def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
     return full[:, None]
 
 
-def _last_logits(model, ids, positions, mask4d, cache: SlotCache) -> torch.Tensor:
+def _logits(model, ids, positions, mask4d, cache: SlotCache) -> torch.Tensor:
     out = model(input_ids=ids, position_ids=positions, attention_mask=mask4d, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
-    cache.advance(ids.shape[1])
     return out.logits[:, -1].float()
+
+
+class DecodeSteps:
+    """The one-token steps after the prefill. Dynamic: attention over the filled part of the cache. Static: over
+    the whole cache, each step replayed as a CUDA graph (recorded again when rows leave the batch, if at least
+    ``GRAPH_MIN_STEPS`` steps remain; eager otherwise, and on a CPU)."""
+
+    def __init__(self, model, cache: SlotCache, kv_mask: torch.Tensor) -> None:
+        self.model, self.cache, self.kv_mask = model, cache, kv_mask
+        self.graphs = cache.static and kv_mask.is_cuda
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.graph: GraphedStep | None = None
+        self.columns = torch.arange(cache.capacity, device=kv_mask.device)
+        if cache.static:
+            cache.start_static()
+
+    def _step(self, ids, positions, mask4d) -> torch.Tensor:
+        return _logits(self.model, ids, positions, mask4d, self.cache)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, width: int, steps_left: int) -> torch.Tensor:
+        ids, positions = token[:, None], position[:, None]
+        if not self.cache.static:
+            logits = self._step(ids, positions, self.kv_mask[:, None, None, :width + 1])
+        else:
+            mask4d = (self.kv_mask & (self.columns <= width))[:, None, None, :]
+            if self.graph is not None:
+                logits = self.graph(ids, positions, mask4d)
+            elif self.graphs and steps_left >= GRAPH_MIN_STEPS:
+                self.graph = GraphedStep(self._step, ids, positions, mask4d, self.pool)
+                logits = self.graph.first
+            else:
+                logits = self._step(ids, positions, mask4d)
+        self.cache.advance(1)
+        return logits
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.cache.keep_rows(rows)
+        self.kv_mask = self.kv_mask[rows]
+        self.graph = None  # it reads the old buffers
 
 
 @torch.no_grad()
 def generate_fast(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings,
-                  eos_id: int, pad_id: int, no_repeat=None) -> torch.Tensor:
-    """Decode a left-padded batch. Returns (B, max_new_tokens) new token ids; after a row's EOS, ``pad_id``."""
+                  eos_id: int, pad_id: int, no_repeat=None, static: bool | None = None) -> torch.Tensor:
+    """Decode a left-padded batch. Returns (B, max_new_tokens) new token ids; after a row's EOS, ``pad_id``.
+    ``static``: the CUDA-graph cache layout (default: ``settings.cuda_graphs`` on a GPU; on a CPU it runs the
+    same layout eagerly, which the tests use)."""
     rows, prompt_len = input_ids.shape
     new = settings.max_new_tokens
     device = input_ids.device
     out = torch.full((rows, new), pad_id, dtype=torch.long, device=device)
     if new == 0:
         return out
+    if static is None:
+        static = settings.cuda_graphs and device.type == "cuda"
     mask = attention_mask.bool()
-    kv_mask = torch.cat([mask, mask.new_ones(rows, new)], dim=1)  # generated tokens are always attended
     history = torch.cat([input_ids, out], dim=1)  # prompt + generated, for the repetition rules
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     active = torch.arange(rows, device=device)  # original row of each row still in the batch
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    cache = SlotCache(prompt_len + new)
+    cache = SlotCache(prompt_len + new, static=static)
     with decode_attention(model):
-        logits = _last_logits(model, input_ids, positions, prefill_mask(mask), cache)
+        logits = _logits(model, input_ids, positions, prefill_mask(mask), cache)
+        cache.advance(prompt_len)
+        # generated tokens are always attended
+        steps = DecodeSteps(model, cache, torch.cat([mask, mask.new_ones(rows, new)], dim=1))
         position = positions[:, -1] + 1
         for step in range(new):
             width = prompt_len + step
@@ -114,10 +181,9 @@ def generate_fast(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
                     break
                 if done >= COMPACT_FRACTION * finished.numel():
                     keep = (~finished).nonzero().squeeze(1)
-                    cache.keep_rows(keep)
+                    steps.keep_rows(keep)
                     active, finished, token, position = active[keep], finished[keep], token[keep], position[keep]
-                    kv_mask, history = kv_mask[keep], history[keep]
-            step_mask = kv_mask[:, None, None, :width + 1]
-            logits = _last_logits(model, token[:, None], position[:, None], step_mask, cache)
+                    history = history[keep]
+            logits = steps(token, position, width, steps_left=new - 1 - step)
             position = position + 1
     return out

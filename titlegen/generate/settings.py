@@ -29,6 +29,8 @@ class GenerationSettings:
             long outputs in big batches anywhere, as finished rows leave the batch), ``hf`` (transformers'
             ``generate``: a little faster per step on a few CPU cores at small batches), or ``auto``: titlegen on
             a GPU, hf elsewhere. Models whose attention cannot be swapped always use ``hf``. README: the figures.
+        cuda_graphs: With the titlegen engine on a GPU, record each decoding step once as a CUDA graph and
+            replay it (one launch instead of hundreds of Python-issued kernels per step). Off: eager steps.
     """
 
     max_new_tokens: int = 256
@@ -40,6 +42,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 3
     engine: Engine = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         checks = {
