@@ -51,8 +51,13 @@ def _frequent_token(model, ids, mask, settings) -> int:
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("rules", [dict(), dict(no_repeat_ngram_size=3, repetition_penalty=1.3, min_new_tokens=4)])
 def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, monkeypatch, nf4, rules, static):
-    """static: the CUDA-graph cache layout (whole cache read, unwritten columns masked), run eagerly here."""
+    """static: the CUDA-graph cache layout (whole cache read, unwritten columns masked), run eagerly here. The
+    prefill goes in chunks of rows, each cut to its longest prompt."""
     monkeypatch.setattr(decoding, "CHECK_EVERY", 2)  # check (and drop finished rows) often
+    monkeypatch.setattr(decoding, "PREFILL_TOKENS", 24)
+    widths = []
+    original = decoding._logits
+    monkeypatch.setattr(decoding, "_logits", lambda m, ids, *a: widths.append(ids.shape) or original(m, ids, *a))
     model = _model(tiny_model_dir, nf4)
     ids, mask = _prompts(model)
     settings = GenerationSettings(max_new_tokens=24, **{"no_repeat_ngram_size": 0, **rules})
@@ -61,6 +66,9 @@ def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, monkeypatch, 
     stops = [(row == eos).nonzero()[0, 0].item() if (row == eos).any() else None for row in expected]
     assert len({s for s in stops}) >= 3, f"rows should finish at different steps: {stops}"
     assert torch.equal(_ours(model, ids, mask, settings, eos, static), expected)
+    chunks = [shape for shape in widths if shape[1] > 1]
+    assert len(chunks) >= 3 and sum(rows for rows, _ in chunks) == ids.shape[0], chunks
+    assert chunks[0][1] == ids.shape[1] and chunks[-1][1] < ids.shape[1], chunks  # short prompts: fewer columns
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])

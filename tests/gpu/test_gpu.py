@@ -169,8 +169,10 @@ def _lever_grads(model_dir: Path, **backbone) -> tuple[float, dict[str, torch.Te
 
 
 def test_offload_and_fused_projections_on_cuda(tmp_path):
-    """The side-stream copies of the offload give checkpointing's gradients exactly; the fused projections give
-    PEFT's within bf16 rounding (a 4-layer Llama of width 512, NF4, 3,000 tokens: two 2,048-token MLP chunks)."""
+    """The side-stream copies of the offload give checkpointing's loss exactly and its gradients within the
+    run-to-run spread of CUDA's backward kernels (attention's backward adds with atomics: two checkpointed runs
+    differ too); the fused projections give PEFT's within bf16 rounding (a 4-layer Llama of width 512, NF4,
+    3,000 tokens: two 2,048-token MLP chunks)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
@@ -178,13 +180,18 @@ def test_offload_and_fused_projections_on_cuda(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(tmp_path))
     loss_ck, ck = _lever_grads(tmp_path)
+    _, ck_again = _lever_grads(tmp_path)
     loss_off, off = _lever_grads(tmp_path, offload_activations=True)
     loss_fused, fused = _lever_grads(tmp_path, offload_activations=True, fused=True)
     assert loss_ck == loss_off and loss_fused == pytest.approx(loss_ck, rel=1e-2)
-    for name in ck:
-        assert torch.equal(ck[name], off[name]), name
-        err = (fused[name] - ck[name]).norm() / ck[name].norm()
-        assert err < 0.05, (name, float(err))
+
+    def worst(grads: dict) -> float:
+        return max(float((grads[n] - ck[n]).norm() / ck[n].norm()) for n in ck)
+
+    spread, offload, fusion = worst(ck_again), worst(off), worst(fused)
+    print(f"largest relative gradient difference from checkpointing: checkpointing again {spread:.2e}, "
+          f"offload {offload:.2e}, fused {fusion:.2e}")
+    assert offload < max(4 * spread, 1e-3) and fusion < 0.05
 
 
 def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
@@ -217,6 +224,8 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
     ids, mask = ids.cuda(), mask.cuda()
     settings = GenerationSettings(max_new_tokens=40, no_repeat_ngram_size=0)
     monkeypatch.setattr(decoding, "CHECK_EVERY", 2)
+    monkeypatch.setattr(decoding, "COMPACT_FRACTION", 0.01)  # finished rows leave at every check
+    monkeypatch.setattr(decoding, "GRAPH_MIN_STEPS", 1)
     recorded = []
     monkeypatch.setattr(decoding, "GraphedStep", lambda *a: recorded.append(a[1].shape[0]) or graphs.GraphedStep(*a))
 
@@ -227,6 +236,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
     free = run(static=False)
     eos = int(torch.bincount(free[:, 3:].flatten().cpu(), minlength=1000).argmax())  # rows stop mid-way
     dynamic, graphed = run(False, eos), run(True, eos)
+    print("steps at which rows stop", [int((r == eos).nonzero()[0]) if (r == eos).any() else None for r in graphed])
     monkeypatch.setattr(decoding, "GRAPH_MIN_STEPS", 10**6)
     eager = run(True, eos)
     print("graphs recorded for batch sizes", recorded)
