@@ -32,7 +32,7 @@ class GraphedStep:
     then records it. Calling it copies the inputs into the recorded buffers and replays; the returned tensor is
     overwritten by the next replay."""
 
-    def __init__(self, step: Step, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, pool) -> None:
+    def __init__(self, step: Step, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> None:
         device = token.device
         self.inputs = (token.clone(), position.clone(), mask.clone())
         side = torch.cuda.Stream(device)
@@ -41,7 +41,8 @@ class GraphedStep:
             self.first = step(*self.inputs).clone()  # lazy library set-up happens here, outside the capture
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with _capture_autocast(device), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        # Its own memory pool: a pool handed from a graph that is gone trips an allocator assertion (torch 2.11).
+        with _capture_autocast(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = step(*self.inputs)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,6 @@ class DecodeSteps:
     def __init__(self, model, cache: SlotCache, kv_mask: torch.Tensor) -> None:
         self.model, self.cache, self.kv_mask = model, cache, kv_mask
         self.graphs = cache.static and kv_mask.is_cuda
-        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.graph: GraphedStep | None = None
         self.columns = torch.arange(cache.capacity, device=kv_mask.device)
         if cache.static:
@@ -154,7 +153,7 @@ class DecodeSteps:
             if self.graph is not None:
                 logits = self.graph(ids, positions, mask4d)
             elif self.graphs and steps_left >= GRAPH_MIN_STEPS:
-                self.graph = GraphedStep(self._step, ids, positions, mask4d, self.pool)
+                self.graph = GraphedStep(self._step, ids, positions, mask4d)
                 logits = self.graph.first
             else:
                 logits = self._step(ids, positions, mask4d)
