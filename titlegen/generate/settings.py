@@ -30,7 +30,8 @@ class GenerationSettings:
             ``generate``: a little faster per step on a few CPU cores at small batches), or ``auto``: titlegen on
             a GPU, hf elsewhere. Models whose attention cannot be swapped always use ``hf``. README: the figures.
         cuda_graphs: With the titlegen engine on a GPU, record each decoding step once as a CUDA graph and
-            replay it (one launch instead of hundreds of Python-issued kernels per step). Off: eager steps.
+            replay it (one launch instead of hundreds of Python-issued kernels per step), for batches of up to
+            1,024 rows (bigger ones keep the GPU busy without). Off: eager steps.
     """
 
     max_new_tokens: int = 256
