@@ -138,7 +138,7 @@ def make_data(lengths: list, vocab: int, n: int, path: Path, seed: int = 0) -> f
 def bench_config(tmp: Path, ckpt: Path, data: Path, args, profile: bool) -> Path:
     clock = {"class_path": "clocks.BenchClock",
              "init_args": {"result_file": str(tmp / "result.json"), "warmup": args.warmup, "profile": profile,
-                           "memory_trace": profile and args.memory_trace, "peak_tflops": args.peak_tflops}}
+                           "peak_tflops": args.peak_tflops}}
     cfg = {
         "trainer": {"max_steps": args.warmup + args.steps, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
@@ -192,8 +192,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (fast variant)")
-    ap.add_argument("--memory-trace", action="store_true",
-                    help="with --profile: what is allocated at the peak of the second step (first variant)")
     ap.add_argument("--out", default=None, help="append the JSON lines here too")
     ap.add_argument("--fixed-length", type=int, default=None,
                     help="every example this many tokens (32 of title, the rest content) instead of --lengths")

@@ -21,14 +21,10 @@ class BenchClock(L.Callback):
         warmup: Steps left out of the timing (allocation, autotuning, first-batch effects).
         peak_tflops: The GPU's bf16 matmul rate, for MFU (6N FLOP per token: forward, recompute, input grads).
         profile: Print the top CUDA kernels of one warm-up step.
-        memory_trace: Print what is allocated at the peak of the second step (needs ``warmup`` >= 4 with
-            ``profile``, which takes step ``warmup - 2``).
     """
 
-    def __init__(self, result_file: str, warmup: int = 4, peak_tflops: float = 800.0, profile: bool = False,
-                 memory_trace: bool = False) -> None:
+    def __init__(self, result_file: str, warmup: int = 4, peak_tflops: float = 800.0, profile: bool = False) -> None:
         self.result_file, self.warmup, self.peak, self.profile = Path(result_file), warmup, peak_tflops, profile
-        self.memory_trace = memory_trace and torch.cuda.is_available()
         self.marks: list[tuple[float, int, int]] = []
         self.tokens = self.padded = 0
         self._prof = None
@@ -38,10 +34,6 @@ class BenchClock(L.Callback):
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.memory_trace and batch_idx == 1:
-            self._sync()
-            self._baseline = torch.cuda.memory_allocated()
-            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
         # A warm-up step: profiling slows the step it watches, so it must stay out of the timed window.
         if self.profile and batch_idx == max(0, self.warmup - 2) and self._prof is None:
             self._sync()
@@ -54,10 +46,6 @@ class BenchClock(L.Callback):
         self.tokens += non_padding_tokens(batch)
         self.padded += batch["input_ids"].numel()
         self._sync()
-        if self.memory_trace and batch_idx == 1:
-            snapshot = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-            report_memory_peak(snapshot, self._baseline)
         self.marks.append((time.perf_counter(), self.tokens, self.padded))
         if self._prof is not None and batch_idx == max(0, self.warmup - 2):
             self._prof.__exit__(None, None, None)
@@ -122,33 +110,3 @@ class PredictClock(L.Callback):
             "gen_tok_per_s": round(self.new_tokens / seconds, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         }))
-
-
-def _origin(frames: list[dict]) -> str:
-    """The innermost frames of an allocation that are not PyTorch's own (titlegen, transformers, peft, bnb)."""
-    own = [f for f in frames if "/torch/" not in f["filename"] and "<" not in f["filename"]]
-    return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in (own or frames)[:3])
-
-
-def report_memory_peak(snapshot: dict, baseline: int, top: int = 14) -> None:
-    """Replay the step's allocation trace: the peak above what was allocated before the step (weights, adapter,
-    optimizer state), and the allocations live at that moment, grouped by where they were made."""
-    live: dict[int, tuple[int, str]] = {}
-    now = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
-    for event in snapshot["device_traces"][0]:
-        if event["action"] == "alloc":
-            live[event["addr"]] = (event["size"], _origin(event.get("frames", [])))
-            now += event["size"]
-            if now > peak:
-                peak, at_peak = now, dict(live)
-        elif event["action"] == "free_completed" and event["addr"] in live:
-            now -= live.pop(event["addr"])[0]
-    groups: dict[str, list[int]] = {}
-    for size, origin in at_peak.values():
-        groups.setdefault(origin, []).append(size)
-    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
-    print(json.dumps({"memory_before_step_gib": round(baseline / 2**30, 3),
-                      "step_peak_above_it_gib": round(peak / 2**30, 3)}), flush=True)
-    for origin, sizes in rows:
-        print(f"  {sum(sizes) / 2**20:9.1f} MiB  {len(sizes):4d} blocks  {origin}", flush=True)

@@ -3,6 +3,7 @@
 # On the lent H100, from the repository root, with .gpu/ (and .gpu-unsloth/ for "final") carried along:
 #   bash scripts/bench/gpu_bench.sh explore   # TRL packed peer + titlegen variants with a kernel profile + GPU tests
 #   bash scripts/bench/gpu_bench.sh final     # TRL peers (packed, seed notebook) + Unsloth + titlegen, one table
+#   bash scripts/bench/gpu_bench.sh fast      # TRL packed + Unsloth + titlegen's fast path (VARIANTS), one table
 #   bash scripts/bench/gpu_bench.sh recipe    # TRL with the seed notebook's settings + titlegen with the same recipe
 #   bash scripts/bench/gpu_bench.sh predict   # HF generate peer + titlegen predict (NF4 and merged)
 #   bash scripts/bench/gpu_bench.sh memory    # peak memory at 2048/4096 tokens (Llama-3-8B, Mistral-7B), token budgets
@@ -29,6 +30,11 @@ case "${1:-explore}" in
     (source .gpu/setup-unsloth.sh && python $B/unsloth_bench.py packed 8 2>"$OUT/unsloth.err" | grep '^{') \
       || echo '{"name": "unsloth", "error": "see unsloth.err"}'
     ours "$VARIANTS" "${OURS_ARGS:-}" ;;
+  fast)
+    peer trl-packed-bs8-llama3-8b
+    (source .gpu/setup-unsloth.sh && python $B/unsloth_bench.py packed 8 2>"$OUT/unsloth.err" | grep '^{') \
+      || echo '{"name": "unsloth", "error": "see unsloth.err"}'
+    ours "${VARIANTS/,recipe/}" "${OURS_ARGS:---warmup 4 --steps 8}" ;;
   recipe)
     peer seed000-trl-llama3-8b
     ours "$VARIANTS" "${OURS_ARGS:-}" ;;
