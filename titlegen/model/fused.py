@@ -112,30 +112,32 @@ class _SwiGLU(torch.autograd.Function):
         x2, e, u, xag, xau, had, *lora = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         lo = [t.to(x2.dtype) for t in lora]
-        weights = [_dense(base, x2.dtype) for base in ctx.bases]
         grads = [torch.zeros_like(t, dtype=torch.float32) for t in lora]
         dx = torch.empty_like(x2)
         for rows in _chunks(x2.shape[0]):
-            _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, weights, ctx.scales)
+            _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, ctx.bases, ctx.scales)
         return (dx.view(ctx.shape), *(g.to(t.dtype) for g, t in zip(grads, lora)), None, None)
 
 
-def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, weights, scales) -> None:
-    """The MLP's backward for one chunk of tokens: writes ``dx[rows]``, adds to the adapter ``grads``."""
-    (ag, bg, au, bu, ad, bd), (w_gate, w_up, w_down), (sg, su, sd) = lo, weights, scales
+def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, bases, scales) -> None:
+    """The MLP's backward for one chunk of tokens: writes ``dx[rows]``, adds to the adapter ``grads``. Each base
+    weight is dequantized where it is used, so one (intermediate x hidden) weight is alive at a time, not three
+    (0.22 GiB less at the peak on Llama-3-8B; a few more dequantizations when there are several chunks)."""
+    (ag, bg, au, bu, ad, bd), (sg, su, sd) = lo, scales
+    gate, up, down = bases
     e, u, dy, x = e[rows], u[rows], dy[rows], x2[rows]
     sig = torch.sigmoid(e)
     act = e * sig
     dyb = dy @ bd
     grads[4] += (dyb.t() @ (act * u)).float() * sd  # dA of down: its input was silu(e) * u
     grads[5] += (dy.t() @ had[rows]).float() * sd
-    dh = torch.addmm(dy @ w_down, dyb, ad, alpha=sd)
+    dh = torch.addmm(dy @ _dense(down, dy.dtype), dyb, ad, alpha=sd)
     du = act.mul_(dh)  # d/du (silu(e) u) = silu(e)
     de = torch.sub(1, sig).mul_(e).add_(1).mul_(sig).mul_(u).mul_(dh)  # silu'(e) = sig (1 + e (1 - sig))
     del dh, sig
     deb, dub = de @ bg, du @ bu
-    out = torch.mm(de, w_gate, out=dx[rows])
-    out.addmm_(du, w_up).addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
+    out = torch.mm(de, _dense(gate, de.dtype), out=dx[rows])
+    out.addmm_(du, _dense(up, du.dtype)).addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
     grads[0] += (deb.t() @ x).float() * sg
     grads[1] += (de.t() @ xag[rows]).float() * sg
     grads[2] += (dub.t() @ x).float() * su
