@@ -54,3 +54,32 @@ def test_dropout_adapter_off_and_no_grad_take_peft_paths(tiny_model_dir):
             base = model(input_ids=ids).logits
         adapted = model(input_ids=ids).logits
     assert not torch.equal(base, adapted)  # the adapter switches off and on through the fused modules
+
+
+def test_fused_inference_gives_peft_logits_and_tokens(tiny_model_dir):
+    """fused_lora_inference: without gradients (validation, predict) the fused paths run and give PEFT's logits
+    and greedy tokens (NF4 base + a non-zero adapter, fp32 on the CPU); with gradients they stay off."""
+    from titlegen.generate.loop import generate_fast
+    from titlegen.generate.settings import GenerationSettings
+
+    _, _, model, _ = lora_grads(tiny_model_dir)  # NF4 base, adapter with B non-zero
+    model.eval()
+    ids = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    settings = GenerationSettings(max_new_tokens=12, no_repeat_ngram_size=0)
+    with torch.no_grad():
+        ref_logits, ref_tokens = model(input_ids=ids).logits, generate_fast(model, ids, mask, settings, -1, 0)
+        assert fused.install(model, training=False, inference=True) == 2 * (1 + 4)
+        mlp = model.get_base_model().model.layers[0].mlp
+        calls = []
+        original = fused._SwiGLU.apply
+        fused._SwiGLU.apply = lambda *a: calls.append(1) or original(*a)
+        try:
+            logits, tokens = model(input_ids=ids).logits, generate_fast(model, ids, mask, settings, -1, 0)
+        finally:
+            fused._SwiGLU.apply = original
+    assert calls, "the fused MLP did not run without gradients"
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4 * ref_logits.abs().max().item())
+    assert torch.equal(tokens, ref_tokens)
+    x = torch.randn(1, 3, mlp.gate_proj.in_features, requires_grad=True)
+    assert mlp(x).grad_fn is not None and "_SwiGLU" not in mlp(x).grad_fn.name()  # training: PEFT's path

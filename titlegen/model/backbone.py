@@ -49,6 +49,8 @@ class BackboneConfig:
             element-wise kernels and fewer saved activations; the first steps take longer while it compiles.
         fused_lora: Train each SwiGLU MLP and each other adapted projection as one fused autograd function
             (the same math as PEFT with less host time and fewer saved activations; ``titlegen/model/fused.py``).
+        fused_lora_inference: The same fused paths without gradients (validation; predict with the 4-bit base
+            and adapter): the LoRA update added inside the base matmul. Not measured on a GPU yet: off everywhere.
         trust_remote_code: Run the Python files a model directory ships (its own model or tokenizer code). Off:
             such a model stops with one line saying so. Turn it on only for a model whose code you trust.
     """
@@ -64,6 +66,7 @@ class BackboneConfig:
     offload_activations: bool = False
     compile_layers: bool = False
     fused_lora: bool = False
+    fused_lora_inference: bool = False
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -171,8 +174,8 @@ def limit_checkpointing(model: torch.nn.Module, fraction: float) -> list[torch.n
 
 def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> None:
     """The training-speed options that act on the model with its adapter attached."""
-    if cfg.fused_lora:
-        fused.install(model)
+    if cfg.fused_lora or cfg.fused_lora_inference:
+        fused.install(model, training=cfg.fused_lora, inference=cfg.fused_lora_inference)
         if fused.with_dropout(model):
             log.warning("model.backbone.fused_lora: the LoRA dropout is above 0, so the adapted projections run "
                         "PEFT's own path (set model.lora.dropout 0 for the fused one)")

@@ -8,7 +8,10 @@ The math is PEFT's: ``y = x W^T + s (x A^T) B^T`` with ``W`` the dequantized 4-b
   recomputed: two fewer (tokens x intermediate) tensors per layer than SiLU and the product each saving theirs.
 
 Only the training forward (gradients on, one active adapter, no dropout, not merged) takes these paths; anything
-else (validation with the adapter off, predict, dropout > 0) runs PEFT's own forward unchanged.
+else (validation with the adapter off, predict, dropout > 0) runs PEFT's own forward unchanged. With
+``model.backbone.fused_lora_inference`` the forward without gradients (validation, predict) takes them too: there
+the gain is the ``addmm`` (PEFT scales the LoRA output into a temporary, then adds it: two more passes over every
+projection's output).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _project_grad(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, base, a,
 
 def _adapter(layer) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(A, B, scaling) when ``layer`` is a PEFT LoRA layer that the fused path can run now, else None."""
-    if not torch.is_grad_enabled() or not hasattr(layer, "lora_A") or layer.disable_adapters or layer.merged:
+    if not hasattr(layer, "lora_A") or layer.disable_adapters or layer.merged:
         return None
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
@@ -166,26 +169,28 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
         return _SwiGLU.apply(x.to(_compute_dtype(x)), ag, bg, au, bu, ad, bd, bases, (sg, su, sd))
 
 
-def _fused_forward(fused, original):
+def _fused_forward(fused, original, training: bool, inference: bool):
     def forward(self, x, *args, **kwargs):
-        out = fused(self, x) if not args and not kwargs else None
+        wanted = training if torch.is_grad_enabled() else inference
+        out = fused(self, x) if wanted and not args and not kwargs else None
         return out if out is not None else original(x, *args, **kwargs)
     return forward
 
 
-def install(model: torch.nn.Module) -> int:
-    """Route the training forward of every SwiGLU MLP and every other LoRA projection through the fused paths.
-    Returns the number of modules changed."""
+def install(model: torch.nn.Module, training: bool = True, inference: bool = False) -> int:
+    """Route the forward of every SwiGLU MLP and every other LoRA projection through the fused paths: with
+    gradients (``training``) and/or without (``inference``). Returns the number of modules changed."""
     changed, inside_mlp = 0, set()
     for module in model.modules():
         names = ("gate_proj", "up_proj", "down_proj")
         if all(hasattr(getattr(module, n, None), "lora_A") for n in names) and _is_silu(module):
-            module.forward = types.MethodType(_fused_forward(swiglu_mlp, module.forward), module)
+            module.forward = types.MethodType(_fused_forward(swiglu_mlp, module.forward, training, inference), module)
             inside_mlp.update(id(getattr(module, n)) for n in names)
             changed += 1
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and id(module) not in inside_mlp:
-            module.forward = types.MethodType(_fused_forward(lora_linear, module.forward), module)
+            module.forward = types.MethodType(_fused_forward(lora_linear, module.forward, training, inference),
+                                              module)
             changed += 1
     return changed
 
