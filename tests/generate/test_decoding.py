@@ -116,3 +116,30 @@ def test_attention_is_restored_after_decoding(tiny_model_dir):
     ids, mask = _prompts(model, rows=2)
     _ours(model, ids, mask, GenerationSettings(max_new_tokens=3), -1)
     assert model.get_base_model().config._attn_implementation == before
+
+
+def test_a_step_that_cannot_be_recorded_decodes_eagerly(tiny_model_dir, monkeypatch, caplog):
+    """If recording the step as a CUDA graph fails (a model that syncs with the host mid-step), decoding goes on
+    without graphs, with one warning, and gives the same tokens. Recording itself needs a GPU (tests/gpu); here
+    the recorder fails as torch's does, and the graph switch is set as on a GPU."""
+    model = _model(tiny_model_dir, nf4=False)
+    ids, mask = _prompts(model, rows=5, seed=2)
+    settings = GenerationSettings(max_new_tokens=12, no_repeat_ngram_size=0)
+    expected = _ours(model, ids, mask, settings, -1, static=True)
+
+    def failing(*args):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    original_init = decoding.DecodeSteps.__init__
+
+    def init_as_on_gpu(self, *args):
+        original_init(self, *args)
+        self.graphs = True
+
+    monkeypatch.setattr(decoding, "GraphedStep", failing)
+    monkeypatch.setattr(decoding.DecodeSteps, "__init__", init_as_on_gpu)
+    with caplog.at_level("WARNING", logger="titlegen"):
+        got = _ours(model, ids, mask, settings, -1, static=True)
+    assert torch.equal(got, expected)
+    warnings = [r.getMessage() for r in caplog.records if "cuda_graphs" in r.getMessage()]
+    assert len(warnings) == 1 and "stream is capturing" in warnings[0], warnings

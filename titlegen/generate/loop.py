@@ -20,11 +20,15 @@ device, and read over its whole capacity with the columns not yet written masked
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from titlegen.generate.graphs import GraphedStep
 from titlegen.generate.rules import choose_tokens, process_scores
 from titlegen.model.attention import decode_attention
+
+log = logging.getLogger("titlegen")
 
 CHECK_EVERY = 8  # steps between host checks for finished rows (each check is a device sync)
 COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
@@ -157,12 +161,23 @@ class DecodeSteps:
             if self.graph is not None:
                 logits = self.graph(ids, positions, mask4d)
             elif self.graphs and steps_left >= GRAPH_MIN_STEPS:
-                self.graph = GraphedStep(self._step, ids, positions, mask4d)
-                logits = self.graph.first
+                logits = self._record(ids, positions, mask4d)
             else:
                 logits = self._step(ids, positions, mask4d)
         self.cache.advance(1)
         return logits
+
+    def _record(self, ids, positions, mask4d) -> torch.Tensor:
+        """Record the step as a graph and return this step's logits; a model whose step cannot be recorded (e.g.
+        one that reads values back to the host mid-step, as mixture-of-experts routing does) decodes eagerly."""
+        try:
+            self.graph = GraphedStep(self._step, ids, positions, mask4d)
+        except RuntimeError as err:
+            self.graphs = False
+            log.warning("model.generation.cuda_graphs: this model's decoding step cannot be recorded as a CUDA graph "
+                        "(%s); decoding without graphs", str(err).splitlines()[0][:200])
+            return self._step(ids, positions, mask4d)  # writes the same cache column again: same values
+        return self.graph.first
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.cache.keep_rows(rows)
