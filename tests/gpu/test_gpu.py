@@ -149,6 +149,16 @@ def test_fp16_predict_is_at_least_as_close_to_fp32_as_bf16():
     assert same[torch.float16] >= 0.95 and same[torch.float16] >= same[torch.bfloat16]
 
 
+def _save_small_llama(path: Path) -> None:
+    """A 4-layer Llama of width 512 with random weights (grouped-query attention, vocabulary 1,000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+
+
 def _lever_grads(model_dir: Path, **backbone) -> tuple[float, dict[str, torch.Tensor]]:
     cfg = bb.BackboneConfig(name_or_path=str(model_dir), compute_dtype="bfloat16",
                             **{k: v for k, v in backbone.items() if k != "fused"})
@@ -173,12 +183,7 @@ def test_offload_and_fused_projections_on_cuda(tmp_path):
     run-to-run spread of CUDA's backward kernels (attention's backward adds with atomics: two checkpointed runs
     differ too); the fused projections give PEFT's within bf16 rounding (a 4-layer Llama of width 512, NF4,
     3,000 tokens: two 2,048-token MLP chunks)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path))
+    _save_small_llama(tmp_path)
     loss_ck, ck = _lever_grads(tmp_path)
     _, ck_again = _lever_grads(tmp_path)
     loss_off, off = _lever_grads(tmp_path, offload_activations=True)
@@ -198,16 +203,11 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
     """Decoding steps replayed as CUDA graphs give exactly the tokens of the same static-cache steps run eagerly,
     also when rows finish at different steps and leave the batch (each time, a new graph is recorded); and, on
     these random weights, nearly always those of the dynamic cache (other attention tilings: near-ties flip)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from titlegen.generate import graphs
     from titlegen.generate import loop as decoding
     from titlegen.generate.settings import GenerationSettings
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path))
+    _save_small_llama(tmp_path)
     cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", gradient_checkpointing=False)
     model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8)).eval()
     for name, p in model.named_parameters():
