@@ -168,3 +168,18 @@ def test_a_model_that_ships_code_runs_it_only_with_trust_remote_code(tiny_model_
         bb.load_base_model(bb.BackboneConfig(name_or_path=str(directory), gradient_checkpointing=False), CPU)
     trusted = bb.BackboneConfig(name_or_path=str(directory), gradient_checkpointing=False, trust_remote_code=True)
     assert type(bb.load_base_model(trusted, CPU)).__name__ == "TinyForCausalLM"
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["peft", "fused"])
+def test_4bit_weights_stored_as_bfloat16_give_the_same_training(tiny_model_dir, fuse):
+    """model.backbone.quant_storage (what FSDP of 4-bit weights needs): the packed bits live in a bfloat16 tensor,
+    and the loss and every adapter gradient are those of uint8 storage, on PEFT's path and the fused one."""
+    from tests.helpers import lora_grads
+
+    loss, grads, _, _ = lora_grads(tiny_model_dir, fuse=fuse)
+    loss_bf16, grads_bf16, model, _ = lora_grads(tiny_model_dir, fuse=fuse, quant_storage="bfloat16")
+    weight = model.get_base_model().model.layers[0].mlp.gate_proj.base_layer.weight
+    assert weight.dtype == torch.bfloat16 and getattr(weight, "quant_state", None) is not None
+    assert loss_bf16 == loss
+    for name in grads:
+        assert torch.equal(grads_bf16[name], grads[name]), name

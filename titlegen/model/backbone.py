@@ -33,6 +33,8 @@ class BackboneConfig:
         name_or_path: Local directory of a Hugging Face causal LM (or a Hub name, if the Hub is reachable).
         quantization: ``nf4``/``fp4`` quantize the linear layers to 4 bits with bitsandbytes; ``none`` keeps them.
         double_quant: Quantize the 4-bit scales too (saves ~0.4 bit per weight).
+        quant_storage: The dtype the packed 4-bit weights are stored in; the bits and results are the same. Sharding
+            them with FSDP needs the other parameters' dtype (bfloat16), which titlegen does not support yet.
         compute_dtype: dtype of the non-quantized weights and of the 4-bit matmuls; ``auto`` is bfloat16 on a GPU
             and float32 on a CPU.
         attn_implementation: ``sdpa`` (default), ``titlegen_varlen`` (needed by ``data.packing``: PyTorch's
@@ -58,6 +60,7 @@ class BackboneConfig:
     name_or_path: str = ""
     quantization: Literal["nf4", "fp4", "none"] = "nf4"
     double_quant: bool = True
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
@@ -133,12 +136,8 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
                     "trust_remote_code": cfg.trust_remote_code}
     if cfg.quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quantization,
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization, bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage={**_DTYPES, "uint8": torch.uint8}[cfg.quant_storage])
     # Each process (DDP rank) places its own copy on its own device; "auto" would put all of it on one rank.
     kwargs["device_map"] = {"": device}
     try:
