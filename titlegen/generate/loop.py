@@ -9,11 +9,12 @@ synchronises with the host at every step, and a finished row keeps its seat unti
 Here: the cache is allocated once (rows x prompt + new tokens) and written in place; during decoding the query
 heads that share a K/V head are laid out as that head's "query positions" (one token each), so SDPA reads each
 cached head once; the host checks for finished rows every few steps only, and drops them from the batch (cache
-rows included) once enough have finished. Prefill runs the ordinary causal + padding attention once per batch.
+rows included) once enough have finished. The prefill runs the ordinary causal + padding attention, over
+length-sorted chunks of rows each cut to its own longest prompt.
 The model code is untouched: any transformers decoder that calls ``past_key_values.update(k, v, layer_idx)`` and
 dispatches attention through ``AttentionInterface`` (Llama, Mistral, Qwen2, SmolLM2, ...) works.
 
-On a GPU (``generation.cuda_graphs``) each step after the prefill is replayed as a CUDA graph
+On a GPU (``generation.cuda_graphs``, batches of up to ``GRAPH_MAX_ROWS``) each step after the prefill is replayed as a CUDA graph
 (:mod:`titlegen.generate.graphs`): the cache is then "static": zero-filled, written at a position held on the
 device, and read over its whole capacity with the columns not yet written masked out.
 """

@@ -23,6 +23,7 @@ from titlegen.model.offload import offloaded_checkpoint
 
 log = logging.getLogger("titlegen")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_STORAGE = {**_DTYPES, "uint8": torch.uint8}
 
 
 @dataclass
@@ -137,7 +138,7 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
     if cfg.quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization, bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage={**_DTYPES, "uint8": torch.uint8}[cfg.quant_storage])
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=_STORAGE[cfg.quant_storage])
     # Each process (DDP rank) places its own copy on its own device; "auto" would put all of it on one rank.
     kwargs["device_map"] = {"": device}
     try:
