@@ -17,13 +17,14 @@ def main() -> None:
     from titlegen.generate.engines import generate
     from titlegen.generate.settings import GenerationSettings
     from titlegen.model import backbone as bb
-    from titlegen.model import lora
+    from titlegen.model import fused, lora
     from titlegen.model.merge import merge_into_dense
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--merged", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs for the decoding steps")
+    ap.add_argument("--fused", action="store_true", help="model.backbone.fused_lora_inference (NF4 + adapter)")
     ap.add_argument("--prompt-len", type=int, default=0, help="every prompt this long (default: 50-89 tokens); "
                     "short prompts leave the decode steps alone in the profile")
     ap.add_argument("--ckpt", default="/tmp/peer_ckpt/llama3-8b")
@@ -32,6 +33,8 @@ def main() -> None:
     base = bb.load_base_model(bb.BackboneConfig(name_or_path=ckpt, gradient_checkpointing=False), torch.device("cuda"))
     model = lora.attach_lora(base, lora.LoraSettings(r=16)).eval()
     lora.cast_adapter(model, torch.bfloat16)  # as predict does on a GPU
+    if args.fused:
+        fused.install(model, training=False, inference=True)
     if args.merged:
         model = merge_into_dense(model, torch.bfloat16).eval()
     tok = bb.load_tokenizer(ckpt)
@@ -52,7 +55,7 @@ def main() -> None:
 
     run(4)
     t1, t2 = run(1), run(33)
-    print(f"batch {args.batch} {'merged' if args.merged else 'nf4+lora'} {'eager' if args.eager else 'graphs'}: prefill+1 {t1:.2f} s, "
+    print(f"batch {args.batch} {'merged' if args.merged else 'nf4+lora'}{' fused' if args.fused else ''} {'eager' if args.eager else 'graphs'}: prefill+1 {t1:.2f} s, "
           f"decode {(t2 - t1) / 32 * 1e3:.1f} ms/step", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
