@@ -27,8 +27,8 @@ VARIANTS = {
     # before the CUDA graphs of the decoding step (2026-12-02)
     "nf4-eager": ["--model.merge_for_predict", "false", "--model.generation.cuda_graphs", "false"],
     "merged-eager": ["--model.merge_for_predict", "true", "--model.generation.cuda_graphs", "false"],
-    # the fused LoRA projections without gradients (model.backbone.fused_lora_inference), not measured yet
-    "nf4-fused": ["--model.merge_for_predict", "false", "--model.backbone.fused_lora_inference", "true"],
+    # PEFT's own LoRA forward instead of the fused projections (model.backbone.fused_lora_inference, the default)
+    "nf4-peft": ["--model.merge_for_predict", "false", "--model.backbone.fused_lora_inference", "false"],
 }
 
 
