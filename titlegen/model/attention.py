@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from titlegen.model import decode_kernel
 from titlegen.model.lora import unwrap
 
 PACKED_ATTENTION = "titlegen_varlen"
@@ -107,6 +108,9 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout=
         # One new token: the G query heads of a K/V group become G "positions" of that group, so SDPA reads each
         # cached K/V head once instead of a G-times repeated copy.
         q = query.reshape(b, kv_heads, heads // kv_heads, d)
+        out = decode_kernel.decode_attention(q, key, value, attention_mask, scaling or d ** -0.5)
+        if out is not None:
+            return out.reshape(b, heads, 1, d).transpose(1, 2), None
         # Memory-efficient attention takes the mask as is; cuDNN's (PyTorch's first pick on Hopper) would plan
         # anew for every cache length, milliseconds of host time per layer per step.
         with sdpa_kernel(DECODE_BACKENDS):
