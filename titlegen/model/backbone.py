@@ -53,7 +53,7 @@ class BackboneConfig:
         fused_lora: Train each SwiGLU MLP and each other adapted projection as one fused autograd function
             (the same math as PEFT with less host time and fewer saved activations; ``titlegen/model/fused.py``).
         fused_lora_inference: The same fused paths without gradients (validation; predict with the 4-bit base
-            and adapter): the LoRA update added inside the base matmul (H200, 8B NF4 predict: +8.8% titles/s).
+            and adapter): the LoRA update added inside the base matmul (H200, 8B NF4 predict: +3% and +9% in two runs).
         trust_remote_code: Run the Python files a model directory ships (its own model or tokenizer code). Off:
             such a model stops with one line saying so. Turn it on only for a model whose code you trust.
     """
