@@ -49,6 +49,8 @@ def test_dropout_adapter_off_and_no_grad_take_peft_paths(tiny_model_dir):
     assert fused.swiglu_mlp(mlp, x) is None  # dropout: PEFT's forward
     model.eval()
     with torch.no_grad():
+        # in eval mode without gradients the dropout is the identity: the fused path runs, with PEFT's output
+        torch.testing.assert_close(fused.swiglu_mlp(mlp, x), mlp(x), rtol=1e-5, atol=1e-6)
         ids = torch.arange(3, 20)[None]
         with lora.adapter_off(model):
             base = model(input_ids=ids).logits

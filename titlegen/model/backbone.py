@@ -176,7 +176,7 @@ def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> 
     """The training-speed options that act on the model with its adapter attached."""
     if cfg.fused_lora or cfg.fused_lora_inference:
         fused.install(model, training=cfg.fused_lora, inference=cfg.fused_lora_inference)
-        if fused.with_dropout(model):
+        if cfg.fused_lora and fused.with_dropout(model):
             log.warning("model.backbone.fused_lora: the LoRA dropout is above 0, so the adapted projections run "
                         "PEFT's own path (set model.lora.dropout 0 for the fused one)")
     if cfg.compile_layers and fit:

@@ -54,8 +54,8 @@ def _adapter(layer) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
         return None
     name = active[0]
-    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        return None
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity) and (layer.training or torch.is_grad_enabled()):
+        return None  # dropout draws masks in training; in eval mode without gradients it is the identity
     if getattr(layer.base_layer, "bias", None) is not None:
         return None
     return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
