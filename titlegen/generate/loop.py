@@ -14,9 +14,10 @@ length-sorted chunks of rows each cut to its own longest prompt.
 The model code is untouched: any transformers decoder that calls ``past_key_values.update(k, v, layer_idx)`` and
 dispatches attention through ``AttentionInterface`` (Llama, Mistral, Qwen2, SmolLM2, ...) works.
 
-On a GPU (``generation.cuda_graphs``, batches of up to ``GRAPH_MAX_ROWS``) each step after the prefill is replayed as a CUDA graph
-(:mod:`titlegen.generate.graphs`): the cache is then "static": zero-filled, written at a position held on the
-device, and read over its whole capacity with the columns not yet written masked out.
+On a GPU (``generation.cuda_graphs``, batches of up to ``GRAPH_MAX_ROWS``) each step after the prefill is replayed
+as a CUDA graph (:mod:`titlegen.generate.graphs`): the cache is then "static": zero-filled, written at a position
+held on the device, and read over its whole capacity with the columns not yet written masked out. On a GPU the
+decoding attention itself is a Triton kernel (:mod:`titlegen.model.decode_kernel`).
 """
 
 from __future__ import annotations

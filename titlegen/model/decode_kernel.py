@@ -59,21 +59,27 @@ if triton is not None:
                  mask=g[:, None] < G)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """CUDA, bf16/fp16 (fp32's dot products would run in TF32), head size 64 or 128, at most 16 query heads per
+    K/V head, a boolean (B, 1, 1, S) mask, contiguous last dimensions."""
+    return (enabled and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == v.dtype == q.dtype and q.shape[-1] in (64, 128) and q.shape[2] <= 16
+            and mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and tuple(mask.shape[1:3]) == (1, 1)
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor | None:
     """``q`` (B, KVH, G, D), ``k``/``v`` (B, KVH, S, D), ``mask`` boolean (B, 1, 1, S) with True = attend.
-    Returns (B, KVH, G, D), or None where the kernel does not apply (no Triton, not CUDA, odd shapes)."""
+    Returns (B, KVH, G, D), or None where the kernel does not apply (:func:`_applies`) or fails."""
     global enabled
-    b, kv_heads, groups, d = q.shape
-    if (not enabled or triton is None or not q.is_cuda or d not in (64, 128) or groups > 16 or mask is None
-            or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)
-            or k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype != q.dtype):
+    if not _applies(q, k, v, mask):
         return None
-    length = k.shape[2]
+    b, kv_heads, groups, d = q.shape
     out = torch.empty_like(q)
     m = mask.view(torch.uint8)
     try:
-        _kernel[(b, kv_heads)](q, k, v, m, out, scale, length, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        _kernel[(b, kv_heads)](q, k, v, m, out, scale, k.shape[2], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                m.stride(0), m.stride(3), *out.stride()[:3],
                                G=groups, GP=max(16, triton.next_power_of_2(groups)), D=d, BLOCK_N=BLOCK)
     except Exception as err:  # Triton's compile errors have no common base class; SDPA gives the same result

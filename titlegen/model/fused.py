@@ -7,11 +7,12 @@ The math is PEFT's: ``y = x W^T + s (x A^T) B^T`` with ``W`` the dequantized 4-b
 - the MLP keeps only its input and the gate and up outputs for the backward pass, where ``silu(gate) * up`` is
   recomputed: two fewer (tokens x intermediate) tensors per layer than SiLU and the product each saving theirs.
 
-Only the training forward (gradients on, one active adapter, no dropout, not merged) takes these paths; anything
-else (validation with the adapter off, predict, dropout > 0) runs PEFT's own forward unchanged. With
-``model.backbone.fused_lora_inference`` the forward without gradients (validation, predict) takes them too: there
-the gain is the ``addmm`` (PEFT scales the LoRA output into a temporary, then adds it: two more passes over every
-projection's output).
+With ``model.backbone.fused_lora`` the training forward (gradients on, one active adapter, no dropout, not merged)
+takes these paths. With ``model.backbone.fused_lora_inference`` (on by default) the forward without gradients
+(validation, predict) takes them too, also for an adapter with dropout in eval mode, where dropout is the identity:
+there the gain is the ``addmm`` (PEFT copies the base output, scales the LoRA output into a temporary, then adds
+it: three more passes over every projection's output). Anything else (the adapter off, several adapters, a merged
+one, a bias) runs PEFT's own forward unchanged.
 """
 
 from __future__ import annotations
