@@ -159,6 +159,19 @@ def _save_small_llama(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(str(path))
 
 
+def _left_padded_prompts(rows: int, longest: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of 3 to ``longest`` - 1 tokens of the small Llama's vocabulary, left-padded with id 3, on
+    the GPU: (ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, longest, (rows,), generator=g).tolist()
+    ids = torch.full((rows, max(lengths)), 3, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, -n:] = torch.randint(10, 1000, (n,), generator=g)
+        mask[i, -n:] = 1
+    return ids.cuda(), mask.cuda()
+
+
 def _lever_grads(model_dir: Path, **backbone) -> tuple[float, dict[str, torch.Tensor]]:
     cfg = bb.BackboneConfig(name_or_path=str(model_dir), compute_dtype="bfloat16",
                             **{k: v for k, v in backbone.items() if k != "fused"})
@@ -214,14 +227,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     lora.cast_adapter(model, torch.bfloat16)
-    g = torch.Generator().manual_seed(2)
-    lengths = torch.randint(3, 40, (24,), generator=g).tolist()
-    ids = torch.full((24, max(lengths)), 3, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, -n:] = torch.randint(10, 1000, (n,), generator=g)
-        mask[i, -n:] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = _left_padded_prompts(24, 40, seed=2)
     settings = GenerationSettings(max_new_tokens=40, no_repeat_ngram_size=0)
     monkeypatch.setattr(decoding, "CHECK_EVERY", 2)
     monkeypatch.setattr(decoding, "COMPACT_FRACTION", 0.01)  # finished rows leave at every check
@@ -276,18 +282,12 @@ def test_decoding_with_the_triton_kernel_gives_sdpa_tokens(tmp_path, monkeypatch
     _save_small_llama(tmp_path)
     cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", gradient_checkpointing=False)
     model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8)).eval()
-    g = torch.Generator().manual_seed(3)
-    lengths = torch.randint(3, 60, (64,), generator=g).tolist()
-    ids = torch.full((64, max(lengths)), 3, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, -n:] = torch.randint(10, 1000, (n,), generator=g)
-        mask[i, -n:] = 1
+    ids, mask = _left_padded_prompts(64, 60, seed=3)
     settings = GenerationSettings(max_new_tokens=32, no_repeat_ngram_size=0)
 
     def run(static: bool) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return decoding.generate_fast(model, ids.cuda(), mask.cuda(), settings, -1, 3, static=static)
+            return decoding.generate_fast(model, ids, mask, settings, -1, 3, static=static)
 
     kernel = [run(False), run(True)]
     monkeypatch.setattr(decode_kernel, "enabled", False)
