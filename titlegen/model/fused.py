@@ -40,11 +40,15 @@ def _project(x2: torch.Tensor, base, a: torch.Tensor, b: torch.Tensor, scale: fl
     return torch.addmm(x2 @ _dense(base, x2.dtype).t(), xa, b.t(), alpha=scale), xa
 
 
-def _project_grad(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, base, a, b, scale: float) -> tuple:
-    """(dx, dA, dB) of :func:`_project` for the output gradient ``dy`` (2-D)."""
+def _project_grad(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, base, a, b, scale: float,
+                  grad_dtype: torch.dtype) -> tuple:
+    """(dx, dA, dB) of :func:`_project` for the output gradient ``dy`` (2-D); dA and dB in ``grad_dtype`` (the
+    adapter's), the scaling and the cast in one kernel each."""
     dyb = dy @ b
     dx = torch.addmm(dy @ _dense(base, dy.dtype), dyb, a, alpha=scale)
-    return dx, (dyb.t() @ x2) * scale, (dy.t() @ xa) * scale
+    da = torch.mul(dyb.t() @ x2, scale, out=a.new_empty(a.shape, dtype=grad_dtype))
+    db = torch.mul(dy.t() @ xa, scale, out=b.new_empty(b.shape, dtype=grad_dtype))
+    return dx, da, db
 
 
 def _adapter(layer) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -79,8 +83,8 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, xa, a, b = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, da, db = _project_grad(dy, x2, xa, ctx.base, a.to(x2.dtype), b.to(x2.dtype), ctx.scale)
-        return dx.view(ctx.shape), da.to(a.dtype), db.to(b.dtype), None, None
+        dx, da, db = _project_grad(dy, x2, xa, ctx.base, a.to(x2.dtype), b.to(x2.dtype), ctx.scale, a.dtype)
+        return dx.view(ctx.shape), da, db, None, None  # A and B share a dtype (PEFT, cast_adapter)
 
 
 CHUNK_ROWS = 2048  # the MLP's (tokens x intermediate) temporaries are made this many tokens at a time
@@ -133,8 +137,8 @@ def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, bases, s
     sig = torch.sigmoid(e)
     act = e * sig
     dyb = dy @ bd
-    grads[4] += (dyb.t() @ (act * u)).float() * sd  # dA of down: its input was silu(e) * u
-    grads[5] += (dy.t() @ had[rows]).float() * sd
+    grads[4].add_(dyb.t() @ (act * u), alpha=sd)  # dA of down: its input was silu(e) * u
+    grads[5].add_(dy.t() @ had[rows], alpha=sd)
     dh = torch.addmm(dy @ _dense(down, dy.dtype), dyb, ad, alpha=sd)
     du = act.mul_(dh)  # d/du (silu(e) u) = silu(e)
     de = torch.sub(1, sig).mul_(e).add_(1).mul_(sig).mul_(u).mul_(dh)  # silu'(e) = sig (1 + e (1 - sig))
@@ -142,10 +146,10 @@ def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, bases, s
     deb, dub = de @ bg, du @ bu
     out = torch.mm(de, _dense(gate, de.dtype), out=dx[rows])
     out.addmm_(du, _dense(up, du.dtype)).addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
-    grads[0] += (deb.t() @ x).float() * sg
-    grads[1] += (de.t() @ xag[rows]).float() * sg
-    grads[2] += (dub.t() @ x).float() * su
-    grads[3] += (du.t() @ xau[rows]).float() * su
+    grads[0].add_(deb.t() @ x, alpha=sg)
+    grads[1].add_(de.t() @ xag[rows], alpha=sg)
+    grads[2].add_(dub.t() @ x, alpha=su)
+    grads[3].add_(du.t() @ xau[rows], alpha=su)
 
 
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
