@@ -85,3 +85,16 @@ def test_fused_inference_gives_peft_logits_and_tokens(tiny_model_dir):
     assert torch.equal(tokens, ref_tokens)
     x = torch.randn(1, 3, mlp.gate_proj.in_features, requires_grad=True)
     assert mlp(x).grad_fn is not None and "_SwiGLU" not in mlp(x).grad_fn.name()  # training: PEFT's path
+
+
+def test_fused_paths_compute_in_the_autocast_dtype(tiny_model_dir):
+    """Under autocast the fused projections run in its dtype, as PEFT's matmuls do, also when the model's own
+    dtype is fp32 (the dtype is read before the fused function switches autocast off for its own casts)."""
+    _, _, _, model = _run(tiny_model_dir, fuse=True, autocast=False)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, 3, layer.mlp.gate_proj.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn, mlp = layer.self_attn.q_proj(x), layer.mlp(x)
+    assert "_Linear" in attn.grad_fn.name() and "_SwiGLU" in mlp.grad_fn.name()
+    assert attn.dtype == mlp.dtype == torch.bfloat16
+    assert layer.mlp(x).dtype == torch.float32  # without autocast: the model's dtype

@@ -74,16 +74,17 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, base, scale):
         x2 = x.reshape(-1, x.shape[-1])
-        y, xa = _project(x2, base, a.to(x.dtype), b.to(x.dtype), scale)
-        ctx.save_for_backward(x2, xa, a, b)
-        ctx.base, ctx.scale, ctx.shape = base, scale, x.shape
+        a_x, b_x = a.to(x.dtype), b.to(x.dtype)
+        y, xa = _project(x2, base, a_x, b_x, scale)
+        ctx.save_for_backward(x2, xa, a_x, b_x)  # the casts too: the backward needs them again
+        ctx.base, ctx.scale, ctx.shape, ctx.grad_dtype = base, scale, x.shape, a.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, a, b = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, da, db = _project_grad(dy, x2, xa, ctx.base, a.to(x2.dtype), b.to(x2.dtype), ctx.scale, a.dtype)
+        dx, da, db = _project_grad(dy, x2, xa, ctx.base, a, b, ctx.scale, ctx.grad_dtype)
         return dx.view(ctx.shape), da, db, None, None  # A and B share a dtype (PEFT, cast_adapter)
 
 
@@ -111,20 +112,19 @@ class _SwiGLU(torch.autograd.Function):
             h = F.silu(e[rows]) * u[rows]
             torch.mm(h, lo[4].t(), out=had[rows])
             torch.mm(h, w_down.t(), out=y[rows]).addmm_(had[rows], lo[5].t(), alpha=scales[2])
-        ctx.save_for_backward(x2, e, u, xag, xau, had, ag, bg, au, bu, ad, bd)
-        ctx.bases, ctx.scales, ctx.shape = bases, scales, x.shape
+        ctx.save_for_backward(x2, e, u, xag, xau, had, *lo)  # the adapter casts too: the backward needs them again
+        ctx.bases, ctx.scales, ctx.shape, ctx.grad_dtype = bases, scales, x.shape, ag.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, e, u, xag, xau, had, *lora = ctx.saved_tensors
+        x2, e, u, xag, xau, had, *lo = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        lo = [t.to(x2.dtype) for t in lora]
-        grads = [torch.zeros_like(t, dtype=torch.float32) for t in lora]
+        grads = [torch.zeros_like(t, dtype=torch.float32) for t in lo]
         dx = torch.empty_like(x2)
         for rows in _chunks(x2.shape[0]):
             _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, ctx.bases, ctx.scales)
-        return (dx.view(ctx.shape), *(g.to(t.dtype) for g, t in zip(grads, lora)), None, None)
+        return (dx.view(ctx.shape), *(g.to(ctx.grad_dtype) for g in grads), None, None)
 
 
 def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, bases, scales) -> None:
@@ -158,8 +158,9 @@ def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
     if adapter is None:
         return None
     a, b, scale = adapter
+    dtype = _compute_dtype(x)  # before autocast is switched off below, which would make it x's own dtype
     with torch.autocast(x.device.type, enabled=False):
-        return _Linear.apply(x.to(_compute_dtype(x)), a, b, layer.base_layer, scale)
+        return _Linear.apply(x.to(dtype), a, b, layer.base_layer, scale)
 
 
 @torch.compiler.disable  # dynamo cannot trace the chunked backward; under compile_layers this part runs as is
@@ -170,8 +171,9 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
         return None
     (ag, bg, sg), (au, bu, su), (ad, bd, sd) = adapters
     bases = (mlp.gate_proj.base_layer, mlp.up_proj.base_layer, mlp.down_proj.base_layer)
+    dtype = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return _SwiGLU.apply(x.to(_compute_dtype(x)), ag, bg, au, bu, ad, bd, bases, (sg, su, sd))
+        return _SwiGLU.apply(x.to(dtype), ag, bg, au, bu, ad, bd, bases, (sg, su, sd))
 
 
 def _fused_forward(fused, original, training: bool, inference: bool):
