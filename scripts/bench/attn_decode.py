@@ -1,8 +1,16 @@
 """Decode-attention kernels at the predict benchmark's shapes: one new token per row, grouped-query heads laid out
-as query positions, left-padded rows (bool mask). Prints ms per call for each way. GPU only."""
+as query positions, left-padded rows (a boolean mask, passed as a strided view as the decoding loop does). Prints,
+per shape, ms per call of titlegen's Triton kernel and of each SDPA backend, and each one's largest error against
+an fp32 reference. GPU only: python scripts/bench/attn_decode.py"""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from titlegen.model.decode_kernel import decode_attention
+
+SCALE = 128 ** -0.5
+BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH, "flash_nomask": SDPBackend.FLASH_ATTENTION}  # flash takes no mask: a bound
 
 
 def timed(fn, n=20):
@@ -18,46 +26,38 @@ def timed(fn, n=20):
     return s.elapsed_time(e) / n
 
 
-def manual(q, k, v, mask, scale):
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+def reference(q, k, v, mask):
+    scores = (q.float() @ k.float().transpose(-1, -2)) * SCALE
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.float()
 
 
-for B, L in [(2048, 150), (2048, 40), (1024, 150)]:
-    q = torch.randn(B, 8, 4, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    lens = torch.randint(L // 3, L, (B,), device="cuda")
-    mask = (torch.arange(L, device="cuda")[None] >= (L - lens)[:, None])[:, None, None, :]
-    ref = manual(q, k, v, mask, 128 ** -0.5)
-    row = {"B": B, "L": L}
-    for name, backend in [("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("math", SDPBackend.MATH), ("flash_nomask", SDPBackend.FLASH_ATTENTION)]:
-        m = None if name == "flash_nomask" else mask
+def inputs(rows: int, length: int):
+    q = torch.randn(rows, 8, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(rows, 8, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kept = torch.randint(1, length + 1, (rows,), device="cuda")
+    full = torch.arange(length + 9, device="cuda")[None] >= (length - kept)[:, None]
+    return q, k, v, full[:, None, None, :length]
+
+
+def sdpa(backend, mask):
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=SCALE)
+    return run
+
+
+for rows, length in [(2048, 150), (2048, 40), (1024, 150), (64, 214), (3, 7)]:
+    q, k, v, mask = inputs(rows, length)
+    ref = reference(q, k, v, mask)
+    ways = {"triton": lambda q, k, v: decode_attention(q, k, v, mask, SCALE)}
+    ways.update({name: sdpa(b, None if name == "flash_nomask" else mask) for name, b in BACKENDS.items()})
+    row = {"rows": rows, "columns": length}
+    for name, fn in ways.items():
         try:
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-                row[name] = round(timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m)), 3)
-                if m is not None:
-                    row[name + "_err"] = float((out.float() - ref.float()).abs().max())
+            out = fn(q, k, v)
+            row[f"{name}_ms"] = round(timed(lambda: fn(q, k, v)), 3)
+            if name != "flash_nomask":
+                row[f"{name}_err"] = round(float((out.float() - ref).abs().max()), 4)
         except RuntimeError as err:
-            row[name] = str(err).splitlines()[0][:60]
-    row["manual"] = round(timed(lambda: manual(q, k, v, mask, 128 ** -0.5)), 3)
+            row[f"{name}_ms"] = str(err).splitlines()[0][:60]
     print(row, flush=True)
-
-from titlegen.model.decode_kernel import decode_attention  # noqa: E402
-
-for B, L in [(2048, 150), (2048, 40), (1024, 150), (64, 214), (3, 7)]:
-    q = torch.randn(B, 8, 4, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    lens = torch.randint(1, L + 1, (B,), device="cuda")
-    full = torch.arange(L + 9, device="cuda")[None] >= (L - lens)[:, None]
-    mask = full[:, None, None, :L]  # a strided view, as the decoding loop passes
-    ref = manual(q, k, v, mask, 128 ** -0.5)
-    out = decode_attention(q, k, v, mask, 128 ** -0.5)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        eff = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    print({"B": B, "L": L, "triton_ms": round(timed(lambda: decode_attention(q, k, v, mask, 128 ** -0.5)), 3),
-           "efficient_ms": round(timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), 3),
-           "triton_err": float((out.float() - ref.float()).abs().max()),
-           "efficient_err": float((eff.float() - ref.float()).abs().max())}, flush=True)
