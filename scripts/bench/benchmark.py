@@ -46,6 +46,7 @@ OFFLOAD = ["--model.backbone.offload_activations", "true"]
 COMPILE = ["--model.backbone.compile_layers", "true"]
 FUSED = ["--model.backbone.fused_lora", "true"]
 CK50 = ["--model.backbone.checkpoint_fraction", "0.5"]
+GRAPHS = ["--model.backbone.training_graphs", "true"]
 RECIPE = PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"]
 # name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4;
 # since 2026-12-02 it packs and has fused_lora on: the "-peft" variants switch the fusion off)
@@ -71,6 +72,8 @@ VARIANTS = {
     # the 8 examples packed into one row instead of 8 accumulated micro-batches of one.
     "recipe": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"],
     "recipe-compile": RECIPE + COMPILE,
+    "recipe-graphs": RECIPE + GRAPHS,
+    "recipe-ck50-graphs": RECIPE + CK50 + GRAPHS,
     "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + CK50,
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",

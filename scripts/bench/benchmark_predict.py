@@ -29,7 +29,11 @@ VARIANTS = {
     "merged-eager": ["--model.merge_for_predict", "true", "--model.generation.cuda_graphs", "false"],
     # PEFT's own LoRA forward instead of the fused projections (model.backbone.fused_lora_inference, the default)
     "nf4-peft": ["--model.merge_for_predict", "false", "--model.backbone.fused_lora_inference", "false"],
+    # CUDA graphs for batches above titlegen.generate.loop.GRAPH_MAX_ROWS too (module constants, PATCHES)
+    "nf4-graphs": ["--model.merge_for_predict", "false"],
+    "merged-graphs": ["--model.merge_for_predict", "true"],
 }
+PATCHES = {"nf4-graphs": {"GRAPH_MAX_ROWS": 4096}, "merged-graphs": {"GRAPH_MAX_ROWS": 4096}}
 
 
 def make_adapter(ckpt: Path, target: Path) -> None:
@@ -66,6 +70,7 @@ def make_titles(lengths: list, vocab: int, n: int, path: Path, seed: int = 0) ->
 
 def run_variant(name: str, args, ckpt: Path, adapter: Path, titles: Path, tmp: Path, tag: str = "") -> dict:
     from titlegen.cli import main
+    from titlegen.generate import loop
 
     clock = {"class_path": "clocks.PredictClock", "init_args": {"result_file": str(tmp / "r.json")}}
     cfg = {"trainer": {"callbacks": [clock], "enable_progress_bar": False},
@@ -76,8 +81,15 @@ def run_variant(name: str, args, ckpt: Path, adapter: Path, titles: Path, tmp: P
     (tmp / "p.yaml").write_text(json.dumps(cfg))
     out = tmp / f"{name}{tag}.csv"
     t0 = time.time()
-    main(["predict", "--config", "configs/llama3-8b-qlora.yaml", "--config", str(tmp / "p.yaml"), *VARIANTS[name],
-          "--ckpt_path", str(adapter), "--data.predict_path", str(titles), "--output", str(out), *args.extra])
+    saved = {k: getattr(loop, k) for k in PATCHES.get(name, {})}
+    for key, value in PATCHES.get(name, {}).items():
+        setattr(loop, key, value)
+    try:
+        main(["predict", "--config", "configs/llama3-8b-qlora.yaml", "--config", str(tmp / "p.yaml"), *VARIANTS[name],
+              "--ckpt_path", str(adapter), "--data.predict_path", str(titles), "--output", str(out), *args.extra])
+    finally:
+        for key, value in saved.items():
+            setattr(loop, key, value)
     rows = sum(1 for _ in csv.DictReader(out.open()))
     result = json.loads((tmp / "r.json").read_text())
     return {"name": f"titlegen-predict-{name}", "batch": args.batch, **result, "rows_in_csv": rows,

@@ -13,6 +13,11 @@ from titlegen.model.backbone import count_parameters
 from titlegen.model.callbacks import non_padding_tokens
 
 
+def _graphs_recorded(module) -> int | None:
+    graphs = getattr(module, "_graphs", None)
+    return None if graphs is None else graphs.recorded
+
+
 class BenchClock(L.Callback):
     """Times steps ``warmup+1 ..`` (synchronized), counts non-padding and padded tokens, peak GPU memory.
 
@@ -27,6 +32,7 @@ class BenchClock(L.Callback):
         self.result_file, self.warmup, self.peak, self.profile = Path(result_file), warmup, peak_tflops, profile
         self.marks: list[tuple[float, int, int]] = []
         self.tokens = self.padded = 0
+        self._graphs_before = 0
         self._prof = None
 
     def _sync(self) -> None:
@@ -47,6 +53,8 @@ class BenchClock(L.Callback):
         self.padded += batch["input_ids"].numel()
         self._sync()
         self.marks.append((time.perf_counter(), self.tokens, self.padded))
+        if len(self.marks) == self.warmup:
+            self._graphs_before = _graphs_recorded(pl_module)
         if self._prof is not None and batch_idx == max(0, self.warmup - 2):
             self._prof.__exit__(None, None, None)
             self._report_profile(time.perf_counter() - self._prof_t0)
@@ -76,10 +84,15 @@ class BenchClock(L.Callback):
             "tok_per_s": round(tok_s, 1),
             "padded_tok_per_s": round((p1 - p0) / seconds, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            # what the allocator held (CUDA graphs' pools count here, not in peak_gib between captures)
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
             "mfu": round(tok_s * 6 * n_params / (self.peak * 1e12), 4),
             "n_params": n_params,
             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         }
+        if _graphs_recorded(pl_module) is not None:  # model.backbone.training_graphs: recordings in all, and timed
+            result["graphs_recorded"] = _graphs_recorded(pl_module)
+            result["graphs_recorded_timed"] = result["graphs_recorded"] - self._graphs_before
         self.result_file.write_text(json.dumps(result))
 
 
@@ -109,4 +122,6 @@ class PredictClock(L.Callback):
             "titles": self.rows, "s": round(seconds, 2), "titles_per_s": round(self.rows / seconds, 2),
             "gen_tok_per_s": round(self.new_tokens / seconds, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            # what the allocator held (CUDA graphs' pools count here, not in peak_gib between captures)
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         }))

@@ -294,3 +294,74 @@ def test_decoding_with_the_triton_kernel_gives_sdpa_tokens(tmp_path, monkeypatch
     sdpa = [run(False), run(True)]
     for a, b in zip(kernel, sdpa):
         assert (a == b).float().mean() > 0.95
+
+
+def _row_of(lengths: list[int], seed: int) -> dict:
+    """A packed row (on the GPU) of examples of the given token counts, a fifth of each its prompt."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(10, 1000, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 5) + ids[n // 5:]})
+    return {k: v.cuda() for k, v in collate_packed(examples, pad_id=3, pad_to_multiple_of=8).items()}
+
+
+def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path):
+    """The trunk replayed as CUDA graphs gives the loss and adapter gradients of the same padded trunk run
+    eagerly, and those of the model's own forward on the unpadded row within bf16 rounding, step after step while
+    the weights change in place: a length seen before replays its graph, a longer one starts a new pool, a shorter
+    one records into it, and two micro-batches of one length add up (no gradient aliases the recorded buffers)."""
+    from titlegen.model import levers, step_graphs
+
+    _save_small_llama(tmp_path)
+    cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", attn_implementation=ATTENTION_NAME,
+                            checkpoint_fraction=0.5, fused_lora=True, training_graphs=True)
+    torch.manual_seed(0)
+    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8, alpha=16)).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    levers.prepare_training(model, cfg, fit=True)
+    graphs = levers.training_graphs(model, cfg, 3, torch.device("cuda"))
+    dec = bb.split_decoder(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(hidden, labels, zero: bool = True):
+        loss_sum, count = response_loss(hidden, dec.head, labels, 512)
+        (loss_sum / count).backward()
+        grads = [p.grad.float().clone() for p in params]
+        if zero:
+            model.zero_grad(set_to_none=True)
+        return float(loss_sum.detach() / count), grads
+
+    def worst(a, b) -> float:
+        return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+
+    # padded lengths (boundary entries): 512 (eager first step), 768 (8): recorded, 768 (8): replayed, 1536 (8):
+    # a new pool, 768 (8): recorded again, 768 (4): recorded, 768 (4): replayed
+    rows = [[200, 300], [250, 450], [300, 390, 12], [900, 560], [260, 440], [700], [350, 330]]
+    for step, lengths in enumerate(rows):
+        batch = _row_of(lengths, seed=step)
+        length = step_graphs.bucket(batch["input_ids"].shape[1])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref_loss, ref = loss_and_grads(dec.trunk(input_ids=batch["input_ids"], **packed_forward_kwargs(batch))[0],
+                                           batch["labels"])
+            *inputs, labels = step_graphs.pad_row(batch, length, 3)
+            eager_loss, eager = loss_and_grads(step_graphs.trunk_forward(dec.trunk, *inputs, max_length=length), labels)
+            loss, got = loss_and_grads(*graphs(batch))
+        print(f"step {step}: {length} tokens, graphs recorded {graphs.recorded}, loss {loss:.5f} (padded eager "
+              f"{eager_loss:.5f}, model {ref_loss:.5f}), gradients vs padded eager {worst(got, eager):.1e}, vs model "
+              f"{worst(got, ref):.1e}")
+        assert loss == pytest.approx(eager_loss, rel=1e-3) and loss == pytest.approx(ref_loss, rel=1e-2)
+        assert worst(got, eager) < 1e-2 and worst(got, ref) < 5e-2
+        with torch.no_grad():
+            for p, g in zip(params, ref):
+                p.sub_(0.5 * g.to(p.dtype))  # in place, as the optimizer updates the recorded weights
+    assert graphs.recorded == 4 and graphs.longest == 1536 and len(graphs.pairs) == 3
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # two micro-batches of one length, gradients accumulated
+        first, second = _row_of([300, 400], seed=10), _row_of([250, 420], seed=11)
+        _, a = loss_and_grads(*graphs(first))
+        _, b = loss_and_grads(*graphs(second))
+        loss_and_grads(*graphs(first), zero=False)
+        _, both = loss_and_grads(*graphs(second))
+    assert worst(both, [x + y for x, y in zip(a, b)]) < 1e-5

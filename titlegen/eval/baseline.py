@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from titlegen.eval.samples import log_samples
 from titlegen.model.lora import adapter_off
 
 
@@ -37,4 +38,4 @@ def log_untuned_baseline(module) -> None:
     loss_sum.reset(), tokens.reset()
     module.logger.log_metrics({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, step=0)
     with adapter_off(module.model):
-        module.log_samples(step=0)
+        log_samples(module, step=0)

@@ -9,20 +9,13 @@ cache's full capacity with the unwritten columns masked (:class:`titlegen.genera
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 
+from titlegen.model.step_graphs import capture_autocast
+
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _capture_autocast(device: torch.device):
-    """The caller's autocast, without its weight-cast cache: cached casts made during capture would live in the
-    graph's memory and be freed when autocast exits, under a graph that still reads them."""
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
 
 
 class GraphedStep:
@@ -37,12 +30,12 @@ class GraphedStep:
         self.inputs = (token.clone(), position.clone(), mask.clone())
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _capture_autocast(device):
+        with torch.cuda.stream(side), capture_autocast(device):
             self.first = step(*self.inputs).clone()  # lazy library set-up happens here, outside the capture
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # Its own memory pool: a pool handed from a graph that is gone trips an allocator assertion (torch 2.11).
-        with _capture_autocast(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with capture_autocast(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = step(*self.inputs)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

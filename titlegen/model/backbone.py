@@ -1,8 +1,9 @@
 """Load the base causal LM and its tokenizer through transformers: 4-bit NF4 through ``BitsAndBytesConfig``
 when asked, gradient checkpointing, the CPU guard against bitsandbytes' silent wrong gradients.
 
-transformers, peft and bitsandbytes are imported only in :mod:`titlegen.model` (backbone, lora, attention, merge)
-and by the ``hf`` engine in :mod:`titlegen.generate.engines`; everything else sees plain ``torch.nn.Module``.
+transformers, peft and bitsandbytes are imported only in :mod:`titlegen.model` (backbone, lora, attention, merge,
+levers, fused) and by the ``hf`` engine in :mod:`titlegen.generate.engines`; everything else sees plain
+``torch.nn.Module``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Literal
 import torch
 
 from titlegen.errors import TitlegenError
-from titlegen.model import fused
 from titlegen.model.attention import register_attentions
 from titlegen.model.lora import unwrap
 from titlegen.model.offload import offloaded_checkpoint
@@ -71,6 +71,7 @@ class BackboneConfig:
     compile_layers: bool = False
     fused_lora: bool = False
     fused_lora_inference: bool = True
+    training_graphs: bool = False
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -79,6 +80,9 @@ class BackboneConfig:
         if self.offload_activations and not self.gradient_checkpointing:
             raise TitlegenError("model.backbone.offload_activations: needs model.backbone.gradient_checkpointing "
                                 "true (it offloads the inputs of the recomputed layers)")
+        if self.training_graphs and (self.offload_activations or self.compile_layers):
+            raise TitlegenError("model.backbone.training_graphs: cannot be combined with offload_activations or "
+                                "compile_layers (set those false)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -150,7 +154,10 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
         apply_liger(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings, so no enable_input_require_grads hack.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Graphs: no RNG state saved for the recomputation (reading it is not allowed inside a capture; graphs
+        # refuse dropout, so there is nothing to replay).
+        recompute = {"use_reentrant": False, "preserve_rng_state": not cfg.training_graphs}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         layers = limit_checkpointing(model, cfg.checkpoint_fraction)
         if cfg.offload_activations:
             for layer in layers:
@@ -170,29 +177,6 @@ def limit_checkpointing(model: torch.nn.Module, fraction: float) -> list[torch.n
     for layer in layers[keep:]:
         layer.gradient_checkpointing = False
     return layers[:keep]
-
-
-def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> None:
-    """The training-speed options that act on the model with its adapter attached."""
-    if cfg.fused_lora or cfg.fused_lora_inference:
-        fused.install(model, training=cfg.fused_lora, inference=cfg.fused_lora_inference)
-        if cfg.fused_lora and fused.with_dropout(model):
-            log.warning("model.backbone.fused_lora: the LoRA dropout is above 0, so the adapted projections run "
-                        "PEFT's own path (set model.lora.dropout 0 for the fused one)")
-    if cfg.compile_layers and fit:
-        compile_layers(model)
-
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """Compile the parts of every decoder layer (one compiled graph shared by all layers; token counts vary, so
-    shapes are dynamic). Checkpointing stays outside, around the whole layer. Returns the parts compiled."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    parts = [child for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)
-             for child in layer.children()]
-    for part in parts:
-        part.compile(dynamic=True)
-    return len(parts)
 
 
 def apply_liger(model: torch.nn.Module) -> None:

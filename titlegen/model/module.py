@@ -14,11 +14,12 @@ from torchmetrics.aggregation import SumMetric
 
 from titlegen.errors import TitlegenError
 from titlegen.eval import baseline
-from titlegen.eval.rows import sample_batch, sample_rows
+from titlegen.eval.samples import log_samples
 from titlegen.eval.split import split_generation_metrics, wanted
 from titlegen.generate.engines import generate
 from titlegen.generate.settings import GenerationSettings
 from titlegen.model import backbone as bb
+from titlegen.model import levers
 from titlegen.model.attention import PACKED_ATTENTION, packed_forward_kwargs
 from titlegen.model.lora import LoraSettings, adapter_off, attach_lora, cast_adapter, load_adapter, unwrap
 from titlegen.model.loss import response_loss
@@ -67,6 +68,7 @@ class TitleGenModule(L.LightningModule):
         self.merge_for_predict, self.eval_generation = merge_for_predict, eval_generation
         self.oom_backoff = OomBackoff() if oom_backoff else None
         self.model: torch.nn.Module | None = None
+        self._graphs = None
         self.tokenizer = None
         self.use_adapter = True  # evaluate switches it off to score the untuned base with the same weights
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
@@ -90,7 +92,10 @@ class TitleGenModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
         self.tokenizer = bb.load_tokenizer(self.backbone_cfg.name_or_path, self.backbone_cfg.trust_remote_code)
         self._decoder = bb.split_decoder(self.model)
-        bb.prepare_training(self.model, self.backbone_cfg, fit=self._trainer is not None and self.trainer.state.fn == "fit")
+        fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        levers.prepare_training(self.model, self.backbone_cfg, fit=fit)
+        if fit:  # the training trunk as CUDA graphs (model.backbone.training_graphs), or None
+            self._graphs = levers.training_graphs(self.model, self.backbone_cfg, self.tokenizer.pad_token_id, device)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if self._trainer is not None and self.trainer.datamodule is not None and context:
             # predict cuts titles whose prompt would leave no room for the tokens to generate
@@ -131,8 +136,13 @@ class TitleGenModule(L.LightningModule):
             if self.backbone_cfg.attn_implementation != PACKED_ATTENTION:
                 # Any other attention would let packed examples see each other, silently.
                 raise TitlegenError(f"data.packing needs model.backbone.attn_implementation: {PACKED_ATTENTION}")
+            if self._graphs is not None and self.training and torch.is_grad_enabled():
+                hidden, labels = self._graphs(batch)  # the row padded to a recorded length
+                return response_loss(hidden, self._decoder.head, labels, self.loss_chunk_tokens)
             kwargs = packed_forward_kwargs(batch)
         else:
+            if self._graphs is not None and self.training:
+                raise TitlegenError("model.backbone.training_graphs: needs packed batches (data.packing true)")
             mask = batch.get("attention_mask")
             if mask is not None and bool(mask.all()):
                 mask = None  # no padding: lets SDPA take its fast causal path
@@ -191,7 +201,7 @@ class TitleGenModule(L.LightningModule):
             # fresh run, record it as step 0: the untuned model's loss and samples, the baseline of every curve.
             if seen >= sum(self.trainer.num_val_batches) and self.global_step == 0 and self.logger is not None:
                 self.logger.log_metrics(metrics, step=0)
-                self.log_samples(step=0)
+                log_samples(self, step=0)
                 self.baseline_logged = True
             return
         for name, value in metrics.items():
@@ -199,25 +209,9 @@ class TitleGenModule(L.LightningModule):
         if wanted(self.eval_generation, self.trainer.state.fn.value):
             split_generation_metrics(self, split, metrics)
         if split == "val":
-            self.log_samples(step=self.global_step)
+            log_samples(self, step=self.global_step)
             if baseline.wanted_now(self):
                 baseline.log_untuned_baseline(self)
-
-    def log_samples(self, step: int) -> None:
-        """Generate for a few fixed validation titles and log them as a TensorBoard text table."""
-        dm = self.trainer.datamodule
-        if self.global_rank != 0 or dm is None or self.logger is None or not hasattr(self.logger.experiment, "add_text"):
-            return
-        rows = sample_rows(dm)
-        if not rows:
-            return
-        batch = {k: v.to(self.device) for k, v in sample_batch(dm, [r["title"] for r in rows]).items()}
-        outputs = generate(self.model, self.tokenizer, batch, self.generation)
-        lines = ["| title | generated | reference |", "|---|---|---|"]
-        for row, out in zip(rows, outputs):
-            cells = [row["title"], out.text + ("" if out.stopped else " …"), row["content"][:600]]
-            lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-        self.logger.experiment.add_text("val/samples", "\n".join(lines), global_step=step)
 
     # ---- predict -------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
