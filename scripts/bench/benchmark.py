@@ -74,6 +74,8 @@ VARIANTS = {
     "recipe-compile": RECIPE + COMPILE,
     "recipe-graphs": RECIPE + GRAPHS,
     "recipe-ck50-graphs": RECIPE + CK50 + GRAPHS,
+    "recipe-ck62-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "0.625"],
+    "recipe-ck75-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "0.75"],
     "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + CK50,
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",

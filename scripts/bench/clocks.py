@@ -93,6 +93,7 @@ class BenchClock(L.Callback):
         if _graphs_recorded(pl_module) is not None:  # model.backbone.training_graphs: recordings in all, and timed
             result["graphs_recorded"] = _graphs_recorded(pl_module)
             result["graphs_recorded_timed"] = result["graphs_recorded"] - self._graphs_before
+            result["graphs_record_s"] = round(pl_module._graphs.record_s, 1)
         self.result_file.write_text(json.dumps(result))
 
 

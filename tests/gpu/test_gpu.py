@@ -347,13 +347,16 @@ def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path):
             ref_loss, ref = loss_and_grads(dec.trunk(input_ids=batch["input_ids"], **packed_forward_kwargs(batch))[0],
                                            batch["labels"])
             *inputs, labels = step_graphs.pad_row(batch, length, 3)
-            eager_loss, eager = loss_and_grads(step_graphs.trunk_forward(dec.trunk, *inputs, max_length=length), labels)
+            eager = [loss_and_grads(step_graphs.trunk_forward(dec.trunk, *inputs, max_length=length), labels)
+                     for _ in range(2)]
             loss, got = loss_and_grads(*graphs(batch))
+        # attention's backward adds with atomics: two eager runs differ too, by this much
+        spread, vs_eager, vs_model = worst(eager[1][1], eager[0][1]), worst(got, eager[0][1]), worst(got, ref)
         print(f"step {step}: {length} tokens, graphs recorded {graphs.recorded}, loss {loss:.5f} (padded eager "
-              f"{eager_loss:.5f}, model {ref_loss:.5f}), gradients vs padded eager {worst(got, eager):.1e}, vs model "
-              f"{worst(got, ref):.1e}")
-        assert loss == pytest.approx(eager_loss, rel=1e-3) and loss == pytest.approx(ref_loss, rel=1e-2)
-        assert worst(got, eager) < 1e-2 and worst(got, ref) < 5e-2
+              f"{eager[0][0]:.5f}, model {ref_loss:.5f}), largest relative gradient difference: graphs vs padded eager "
+              f"{vs_eager:.1e}, padded eager twice {spread:.1e}, graphs vs model {vs_model:.1e}")
+        assert loss == pytest.approx(eager[0][0], rel=1e-3) and loss == pytest.approx(ref_loss, rel=1e-2)
+        assert vs_eager < max(4 * spread, 1e-2) and vs_model < 5e-2
         with torch.no_grad():
             for p, g in zip(params, ref):
                 p.sub_(0.5 * g.to(p.dtype))  # in place, as the optimizer updates the recorded weights
@@ -363,5 +366,8 @@ def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path):
         _, a = loss_and_grads(*graphs(first))
         _, b = loss_and_grads(*graphs(second))
         loss_and_grads(*graphs(first), zero=False)
+        recorded = {g.data_ptr() for pair in graphs.pairs.values() for g in pair.grads}
+        assert not any(p.grad.data_ptr() in recorded for p in params)  # .grad is a copy, not a recorded buffer
         _, both = loss_and_grads(*graphs(second))
-    assert worst(both, [x + y for x, y in zip(a, b)]) < 1e-5
+    # had the first micro-batch's .grad been the recorded buffer, the second replay would have overwritten it
+    assert worst(both, [x + y for x, y in zip(a, b)]) < 2e-2

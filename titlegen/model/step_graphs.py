@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from functools import partial
 
 import torch
@@ -90,6 +91,21 @@ def trunk_forward(decoder: torch.nn.Module, input_ids: torch.Tensor, position_id
     return decoder.norm(hidden)
 
 
+@contextlib.contextmanager
+def _quiet_stream_notice():
+    """Silence autograd's notice that the adapter weights' gradient nodes were made on the default stream (by
+    the eager first step) while the backward is recorded on the capture stream: the recorded backward returns the
+    gradients (``autograd.grad``) and never runs those nodes."""
+    switch = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if switch is not None:
+        switch(False)
+    try:
+        yield
+    finally:
+        if switch is not None:
+            switch(True)
+
+
 class _GraphPair:
     """The forward and the backward (adapter gradients for a given output gradient) of ``run`` recorded for
     one set of input shapes. Recording runs nothing: the first replay computes."""
@@ -102,7 +118,7 @@ class _GraphPair:
             with capture(self.forward):
                 self.output = run(*self.inputs)
             self.grad_output = torch.zeros_like(self.output)
-            with capture(self.backward):
+            with _quiet_stream_notice(), capture(self.backward):
                 self.grads = torch.autograd.grad(self.output, params, self.grad_output)
 
 
@@ -138,7 +154,7 @@ class TrunkGraphs:
         self.pairs: dict[tuple[int, int], _GraphPair] = {}
         self.longest, self.pool = 0, None
         self.warm, self.enabled = False, True
-        self.recorded = 0  # graph pairs recorded so far (the benchmark reports it)
+        self.recorded, self.record_s = 0, 0.0  # graph pairs recorded so far, and the seconds that took
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         length = bucket(batch["input_ids"].shape[1])
@@ -159,6 +175,7 @@ class TrunkGraphs:
             self.pool, self.longest = None, key[0]
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        start = time.perf_counter()
         try:
             pair = _GraphPair(run, inputs, self.params, self.pool)
         except RuntimeError as err:
@@ -168,4 +185,5 @@ class TrunkGraphs:
             return None
         self.pairs[key] = pair
         self.recorded += 1
+        self.record_s += time.perf_counter() - start
         return pair
