@@ -2,7 +2,7 @@
 when asked, gradient checkpointing, the CPU guard against bitsandbytes' silent wrong gradients.
 
 transformers, peft and bitsandbytes are imported only in :mod:`titlegen.model` (backbone, lora, attention, merge,
-levers, fused) and by the ``hf`` engine in :mod:`titlegen.generate.engines`; everything else sees plain
+fused) and by the ``hf`` engine in :mod:`titlegen.generate.engines`; everything else sees plain
 ``torch.nn.Module``.
 """
 

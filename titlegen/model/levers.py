@@ -29,10 +29,7 @@ def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> 
 def compile_layers(model: torch.nn.Module) -> int:
     """Compile the parts of every decoder layer (one compiled graph shared by all layers; token counts vary, so
     shapes are dynamic). Checkpointing stays outside, around the whole layer. Returns the parts compiled."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    parts = [child for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)
-             for child in layer.children()]
+    parts = [child for layer in split_decoder(model).trunk.layers for child in layer.children()]
     for part in parts:
         part.compile(dynamic=True)
     return len(parts)
