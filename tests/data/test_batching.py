@@ -27,6 +27,15 @@ def test_epochs_differ_and_repeat_with_the_seed():
     assert sampler.batches() == first
 
 
+def test_longest_packed_row_of_the_epoch():
+    lengths = [(i * 37) % 500 + 5 for i in range(1000)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, packed=True)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        assert sampler.longest_batch_tokens() == max(sum(lengths[i] for i in b) for b in sampler.batches())
+    assert LengthGroupedBatchSampler([], batch_size=8).longest_batch_tokens() == 0
+
+
 def test_eval_order_is_longest_first():
     sampler = LengthGroupedBatchSampler([3, 9, 1, 7], batch_size=2, shuffle=False)
     assert sampler.batches() == [[1, 3], [0, 2]]

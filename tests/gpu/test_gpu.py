@@ -371,3 +371,11 @@ def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path):
         _, both = loss_and_grads(*graphs(second))
     # had the first micro-batch's .grad been the recorded buffer, the second replay would have overwritten it
     assert worst(both, [x + y for x, y in zip(a, b)]) < 2e-2
+    # an epoch whose plan holds a 3,000-token row: a new pool, sized by a placeholder of that length recorded
+    # first; a 1,536-token row then records into it
+    graphs.reserve(3000)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_and_grads(*graphs(first))
+        assert graphs.longest == 3072 and set(graphs.pairs) == {(3072, 4), (768, 8)}
+        loss, got = loss_and_grads(*graphs(_row_of([900, 560], seed=3)))
+    assert graphs.recorded == 7 and len(graphs.pairs) == 3

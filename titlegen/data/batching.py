@@ -79,6 +79,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._shard(self.batches())[self.skip:]
 
+    def longest_batch_tokens(self) -> int:
+        """The most example tokens in one batch of this epoch (a packed row's length, before its padding)."""
+        return max((sum(self.lengths[i] for i in b) for b in self.batches()), default=0)
+
     def __len__(self) -> int:
         if self.max_tokens is None:
             total = -(-len(self.lengths) // self.batch_size)

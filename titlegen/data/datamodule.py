@@ -189,6 +189,13 @@ class TitleDataModule(L.LightningDataModule):
             self._train_loader.load_state_dict(self._loader_state)
         return self._train_loader
 
+    def longest_train_row(self) -> int | None:
+        """Tokens in this epoch's longest packed training row (padding included), or None when not packing."""
+        if not self.packing or self._train_loader is None:
+            return None
+        tokens = self._train_loader.batch_sampler.longest_batch_tokens()
+        return -(-tokens // self.pad_to) * self.pad_to
+
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", train=False) if "val" in self.splits else []
 

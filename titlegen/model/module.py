@@ -162,6 +162,10 @@ class TitleGenModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=size)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        if self._graphs is not None and hasattr(self.trainer.datamodule, "longest_train_row"):
+            self._graphs.reserve(self.trainer.datamodule.longest_train_row())  # one pool size for the epoch
+
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:

@@ -12,9 +12,11 @@ What a replay needs, and how it gets it:
   optimizer; the adapter gradients leave the recorded buffers as fresh copies that autograd puts in ``.grad``;
 - nothing read back to the host inside: attention's longest segment is given as the padded length (an upper
   bound: the same result), and recomputation does not save RNG state (so no dropout anywhere).
-The loss (response tokens only) and the optimizer stay eager. Memory: every graph shares one pool, sized by the
-longest length recorded; a longer row drops every graph and starts a new pool (the pool never holds two sizes'
-worth). The first training step runs eagerly (the lazy set-up of every library happens there, not in a capture).
+The loss (response tokens only) and the optimizer stay eager. Memory: every graph shares one pool, sized by its
+first recording: the epoch's longest row, known from the batch plan at the epoch's start. A longer row than the
+pool's (a new epoch's, or when no plan is known) drops every graph and starts a new pool, so the pool never holds
+two sizes' worth. The first training step runs eagerly (the lazy set-up of every library happens there, not in a
+capture).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class TrunkGraphs:
         self.decoder, self.pad_id = decoder, pad_id
         self.params = tuple(p for p in decoder.parameters() if p.requires_grad)
         self.pairs: dict[tuple[int, int], _GraphPair] = {}
-        self.longest, self.pool = 0, None
+        self.longest, self.planned, self.pool = 0, 0, None
         self.warm, self.enabled = False, True
         self.recorded, self.record_s = 0, 0.0  # graph pairs recorded so far, and the seconds that took
 
@@ -169,12 +171,21 @@ class TrunkGraphs:
             return run(*inputs), labels
         return _Replay.apply(pair, *inputs, *self.params), labels
 
+    def reserve(self, tokens: int | None) -> None:
+        """Size the pool for rows of up to ``tokens`` (the epoch's longest, from the batch plan): its graph is
+        recorded first, so no shorter row recorded before it needs a pool of its own."""
+        self.planned = bucket(tokens) if tokens else 0
+
     def _record(self, key: tuple[int, int], run, inputs: tuple[torch.Tensor, ...]) -> _GraphPair | None:
-        if key[0] > self.longest:  # a longer row: a fresh pool, sized by it, so no two sizes' memory is held
+        length = max(key[0], self.planned)
+        if length > self.longest:  # a fresh pool, sized by its first recording: no two sizes' memory is held
             self.pairs.clear()
-            self.pool, self.longest = None, key[0]
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool, self.longest = torch.cuda.graph_pool_handle(), length
+            if length > key[0] and self._add(*_placeholder(self.decoder, length)) is None:
+                return None
+        return self._add(key, run, inputs)
+
+    def _add(self, key: tuple[int, int], run, inputs: tuple[torch.Tensor, ...]) -> _GraphPair | None:
         start = time.perf_counter()
         try:
             pair = _GraphPair(run, inputs, self.params, self.pool)
@@ -187,3 +198,13 @@ class TrunkGraphs:
         self.recorded += 1
         self.record_s += time.perf_counter() - start
         return pair
+
+
+def _placeholder(decoder: torch.nn.Module, length: int) -> tuple:
+    """(key, run, inputs) of a row of ``length`` tokens in ``SEGMENT_SLOTS`` segments: recording needs shapes,
+    not values."""
+    device = next(decoder.parameters()).device
+    ends = torch.arange(length - SEGMENT_SLOTS + 1, length + 1, device=device, dtype=torch.int32)
+    cu = torch.cat([ends.new_zeros(1), ends[1:]])
+    inputs = (torch.zeros(1, length, dtype=torch.long, device=device), torch.arange(length, device=device)[None], cu)
+    return (length, SEGMENT_SLOTS), partial(trunk_forward, decoder, max_length=length), inputs
