@@ -12,6 +12,7 @@ token (forward, recompute, input-gradient backward; frozen base).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -76,6 +77,7 @@ VARIANTS = {
     "recipe-ck50-graphs": RECIPE + CK50 + GRAPHS,
     "recipe-ck62-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "0.625"],
     "recipe-ck75-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "0.75"],
+    "recipe-ck100-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "1.0"],
     "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + CK50,
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
@@ -227,6 +229,7 @@ def main() -> None:
                 res = run_variant(name, args, ckpt, tmp / "bench.jsonl", mean_len, tmp)
             except Exception as err:  # report and go on with the next variant
                 res = {"name": f"titlegen-{name}-{args.shape}", "error": f"{type(err).__name__}: {err}"[:800]}
+            gc.collect()  # the run's model and CUDA graph pools, so the next variant's peak is its own
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             print(json.dumps(res), flush=True)
             if args.out:

@@ -33,6 +33,7 @@ class BenchClock(L.Callback):
         self.marks: list[tuple[float, int, int]] = []
         self.tokens = self.padded = 0
         self._graphs_before = 0
+        self._start_gib = round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
         self._prof = None
 
     def _sync(self) -> None:
@@ -85,6 +86,7 @@ class BenchClock(L.Callback):
             "padded_tok_per_s": round((p1 - p0) / seconds, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             # what the allocator held (CUDA graphs' pools count here, not in peak_gib between captures)
+            "start_allocated_gib": self._start_gib,  # held before this run's model loaded (an earlier run's?)
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
             "mfu": round(tok_s * 6 * n_params / (self.peak * 1e12), 4),
             "n_params": n_params,

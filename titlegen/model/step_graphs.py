@@ -166,7 +166,8 @@ class TrunkGraphs:
             self.warm = True
             return run(*inputs), labels
         key = (length, inputs[2].numel())
-        pair = self.pairs.get(key) or self._record(key, run, tuple(inputs))
+        pair = self.pairs.get(key) if self.planned <= self.longest else None  # a longer plan: a new pool first
+        pair = pair or self._record(key, run, tuple(inputs))
         if pair is None:
             return run(*inputs), labels
         return _Replay.apply(pair, *inputs, *self.params), labels
