@@ -57,7 +57,7 @@ make_data([[32, 2015]], 128256, 256, Path('$OUT/long.jsonl'))" 2>&1 | grep -i er
       --data.path $OUT/long.jsonl --data.prompt.template {title} --data.val_fraction 0 --data.num_val_samples 0
       --data.cache_dir $OUT/cache --data.batch_size 64 --trainer.accumulate_grad_batches 1
       --model.backbone.gradient_checkpointing false --trainer.max_steps 2 --trainer.logger false
-      --trainer.enable_checkpointing false --trainer.default_root_dir $OUT/oom"
+      --trainer.enable_checkpointing false --trainer.default_root_dir $OUT/oom --model.backbone.training_graphs false"
     /usr/bin/time -f "wall %e s" python -m titlegen fit $OOM_ARGS 2>&1 | grep -E "titlegen: error|wall"; echo "exit ${PIPESTATUS[0]}"
     /usr/bin/time -f "wall %e s" python -m titlegen fit $OOM_ARGS --model.oom_backoff true 2>&1 \
       | grep -E "out of GPU memory|titlegen: error|wall|Error"; echo "exit ${PIPESTATUS[0]}" ;;
