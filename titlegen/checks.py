@@ -29,6 +29,19 @@ def check_settings(cfg) -> None:
             cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
     check_backoff(cfg)
     check_sharding(cfg)
+    check_graphs(cfg)
+
+
+def check_graphs(cfg) -> None:
+    """``model.backbone.training_graphs`` replays packed rows without dropout: say so before the model loads."""
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    if not (model.get("backbone") or {}).get("training_graphs"):
+        return
+    if not data.get("packing"):
+        raise TitlegenError("model.backbone.training_graphs: needs data.packing true (it replays packed rows)")
+    if (model.get("lora") or {}).get("dropout", 0.0):
+        raise TitlegenError("model.backbone.training_graphs: needs model.lora.dropout 0 (a replayed step cannot "
+                            "redraw dropout masks)")
 
 
 def check_sharding(cfg) -> None:

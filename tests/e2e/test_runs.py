@@ -105,6 +105,14 @@ def test_out_of_memory_backoff_is_refused_on_several_devices(cfg, capsys):
     assert "model.oom_backoff works on one device" in err and err.count("\n") == 1
 
 
+def test_training_graphs_settings_they_cannot_replay_are_refused_before_loading(cfg, capsys):
+    for flags, expected in ((["--data.packing", "false"], "needs data.packing true"),
+                            (["--data.packing", "true", "--model.lora.dropout", "0.1"], "needs model.lora.dropout 0")):
+        assert run("fit", "--config", str(cfg), "--model.backbone.training_graphs", "true", *flags) == 2
+        err = capsys.readouterr().err
+        assert f"model.backbone.training_graphs: {expected}" in err and err.count("\n") == 1
+
+
 def test_checkpointing_can_be_switched_off(cfg, tmp_path):
     assert run("fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false") == 0
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
