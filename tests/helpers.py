@@ -81,6 +81,20 @@ def lora_model(model_dir: Path, quantization: str = "nf4", std: float = 0.05) ->
     return model
 
 
+def adapted(cfg, device: torch.device, r: int, alpha: int, std: float) -> torch.nn.Module:
+    """The base model of backbone settings ``cfg`` on ``device`` with a new LoRA adapter, in training mode; its B
+    matrices drawn with ``std`` (seed 0), so the adapter changes outputs and A gets gradients."""
+    from titlegen.model import backbone as bb
+    from titlegen.model import lora
+
+    torch.manual_seed(0)
+    model = lora.attach_lora(bb.load_base_model(cfg, device), lora.LoraSettings(r=r, alpha=alpha)).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
 def lora_grads(model_dir: Path, fuse: bool = False, autocast: bool = False, dropout: float = 0.0,
                **backbone) -> tuple[float, dict[str, torch.Tensor], torch.nn.Module, int]:
     """One forward + backward of the tiny model with a LoRA adapter (B non-zero, so A gets gradients): the loss,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import adapted
 from titlegen.data.encoding import IGNORE_INDEX, collate_train
 from titlegen.data.packing import collate_packed
 from titlegen.model import backbone as bb
@@ -316,11 +317,7 @@ def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path):
     _save_small_llama(tmp_path)
     cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", attn_implementation=ATTENTION_NAME,
                             checkpoint_fraction=0.5, fused_lora=True, training_graphs=True)
-    torch.manual_seed(0)
-    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8, alpha=16)).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    model = adapted(cfg, torch.device("cuda"), r=8, alpha=16, std=0.02)
     levers.prepare_training(model, cfg, fit=True)
     graphs = levers.training_graphs(model, cfg, 3, torch.device("cuda"))
     dec = bb.split_decoder(model)

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from tests.helpers import adapted
 from titlegen.data.encoding import IGNORE_INDEX
 from titlegen.data.packing import collate_packed
 from titlegen.errors import TitlegenError
@@ -33,11 +34,7 @@ def _save(kind: str, path) -> str:
 def _model(path: str, quantization: str = "nf4") -> torch.nn.Module:
     cfg = bb.BackboneConfig(name_or_path=path, quantization=quantization, attn_implementation=PACKED_ATTENTION,
                             checkpoint_fraction=0.5, fused_lora=True)
-    torch.manual_seed(0)
-    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cpu")), lora.LoraSettings(r=4, alpha=8)).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = adapted(cfg, torch.device("cpu"), r=4, alpha=8, std=0.05)
     levers.prepare_training(model, cfg, fit=True)
     return model
 
