@@ -15,6 +15,7 @@ from titlegen.data.prompts import PromptTemplate
 from titlegen.errors import TitlegenError
 from titlegen.generate.settings import GenerationSettings
 from titlegen.model.backbone import BackboneConfig
+from titlegen.model.step_graphs import NO_DROPOUT
 
 # Settings dataclasses whose own checks (__post_init__) run on the parsed values, by config key.
 SETTINGS = {("data", "prompt"): PromptTemplate, ("model", "generation"): GenerationSettings,
@@ -40,8 +41,7 @@ def check_graphs(cfg) -> None:
     if not data.get("packing"):
         raise TitlegenError("model.backbone.training_graphs: needs data.packing true (it replays packed rows)")
     if (model.get("lora") or {}).get("dropout", 0.0):
-        raise TitlegenError("model.backbone.training_graphs: needs model.lora.dropout 0 (a replayed step cannot "
-                            "redraw dropout masks)")
+        raise TitlegenError(NO_DROPOUT)
 
 
 def check_sharding(cfg) -> None:

@@ -10,7 +10,7 @@ import torch
 from titlegen.errors import TitlegenError
 from titlegen.model import fused
 from titlegen.model.backbone import BackboneConfig, split_decoder
-from titlegen.model.step_graphs import TrunkGraphs
+from titlegen.model.step_graphs import NO_DROPOUT, TrunkGraphs
 
 log = logging.getLogger("titlegen")
 
@@ -45,6 +45,5 @@ def training_graphs(model: torch.nn.Module, cfg: BackboneConfig, pad_id: int,
                     device.type)
         return None
     if fused.with_dropout(model):
-        raise TitlegenError("model.backbone.training_graphs: needs model.lora.dropout 0 (a replayed step cannot "
-                            "redraw dropout masks)")
+        raise TitlegenError(NO_DROPOUT)
     return TrunkGraphs(split_decoder(model).trunk, pad_id)

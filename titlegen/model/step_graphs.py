@@ -37,6 +37,7 @@ log = logging.getLogger("titlegen")
 BUCKET_TOKENS = 256  # padded row lengths are multiples of this: ~130 padding tokens per step on average
 SEGMENT_SLOTS = 4  # segment boundaries are padded to a multiple of this many entries
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # decoders whose trunk is trunk_forward (CPU tests)
+NO_DROPOUT = "model.backbone.training_graphs: needs model.lora.dropout 0 (a replayed step cannot redraw dropout masks)"
 
 
 def capture_autocast(device: torch.device):
