@@ -108,3 +108,30 @@ def test_settings_that_graphs_cannot_replay_stop_with_one_line(tiny_model_dir, t
 
     with pytest.raises(TitlegenError, match="not 'gpt2'"):
         step_graphs.check_model(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+
+
+def test_a_step_that_cannot_be_recorded_trains_eagerly_but_out_of_memory_is_raised(tiny_model_dir, monkeypatch,
+                                                                                   caplog):
+    """A recording error (e.g. an operation a capture does not allow) switches the graphs off with one warning;
+    running out of memory while recording goes to the step's own handling (message or model.oom_backoff)."""
+    model = _model(str(tiny_model_dir))
+    graphs = step_graphs.TrunkGraphs(bb.split_decoder(model).trunk, pad_id=0)
+
+    def fails(error):
+        def pair(*args):
+            raise error
+        return pair
+
+    monkeypatch.setattr(step_graphs, "_GraphPair", fails(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        graphs._add((256, 4), None, ())
+    assert graphs.enabled
+    monkeypatch.setattr(step_graphs, "_GraphPair", fails(RuntimeError("operation not permitted when stream is "
+                                                                      "capturing\nmore")))
+    with caplog.at_level(logging.WARNING, logger="titlegen"):
+        assert graphs._add((256, 4), None, ()) is None
+    assert not graphs.enabled and graphs.recorded == 0
+    assert "cannot be recorded as a CUDA graph (operation not permitted when stream is capturing)" in caplog.text
+    batch = _row(model.config.vocab_size)
+    hidden, labels = graphs(batch)  # eager from now on: the padded trunk
+    assert hidden.shape[:2] == labels.shape == (1, step_graphs.bucket(batch["input_ids"].shape[1]))

@@ -191,6 +191,8 @@ class TrunkGraphs:
         start = time.perf_counter()
         try:
             pair = _GraphPair(run, inputs, self.params, self.pool)
+        except torch.OutOfMemoryError:
+            raise  # the step's own handling decides: the one-line message, or model.oom_backoff's smaller parts
         except RuntimeError as err:
             self.enabled, self.pairs, self.pool = False, {}, None
             log.warning("model.backbone.training_graphs: the training step cannot be recorded as a CUDA graph "
