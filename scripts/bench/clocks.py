@@ -13,6 +13,12 @@ from titlegen.model.backbone import count_parameters
 from titlegen.model.callbacks import non_padding_tokens
 
 
+def _gib(stat: str) -> float | None:
+    """A ``torch.cuda`` memory statistic (``memory_allocated``, ``max_memory_reserved``, ...) in GiB; None without
+    a GPU. Reserved memory counts CUDA graphs' pools, which allocated memory does not between recordings."""
+    return round(getattr(torch.cuda, stat)() / 2**30, 2) if torch.cuda.is_available() else None
+
+
 def _graphs_recorded(module) -> int | None:
     graphs = getattr(module, "_graphs", None)
     return None if graphs is None else graphs.recorded
@@ -33,7 +39,7 @@ class BenchClock(L.Callback):
         self.marks: list[tuple[float, int, int]] = []
         self.tokens = self.padded = 0
         self._graphs_before = 0
-        self._start_gib = round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+        self._start_gib = _gib("memory_allocated")
         self._prof = None
 
     def _sync(self) -> None:
@@ -84,10 +90,9 @@ class BenchClock(L.Callback):
             "tokens_per_step": round((k1 - k0) / (len(self.marks) - self.warmup)),
             "tok_per_s": round(tok_s, 1),
             "padded_tok_per_s": round((p1 - p0) / seconds, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-            # what the allocator held (CUDA graphs' pools count here, not in peak_gib between captures)
+            "peak_gib": _gib("max_memory_allocated"),
             "start_allocated_gib": self._start_gib,  # held before this run's model loaded (an earlier run's?)
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
+            "peak_reserved_gib": _gib("max_memory_reserved"),
             "mfu": round(tok_s * 6 * n_params / (self.peak * 1e12), 4),
             "n_params": n_params,
             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
@@ -124,7 +129,6 @@ class PredictClock(L.Callback):
         self.result_file.write_text(json.dumps({
             "titles": self.rows, "s": round(seconds, 2), "titles_per_s": round(self.rows / seconds, 2),
             "gen_tok_per_s": round(self.new_tokens / seconds, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-            # what the allocator held (CUDA graphs' pools count here, not in peak_gib between captures)
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
+            "peak_gib": _gib("max_memory_allocated"),
+            "peak_reserved_gib": _gib("max_memory_reserved"),
         }))
