@@ -29,11 +29,11 @@ VARIANTS = {
     "merged-eager": ["--model.merge_for_predict", "true", "--model.generation.cuda_graphs", "false"],
     # PEFT's own LoRA forward instead of the fused projections (model.backbone.fused_lora_inference, the default)
     "nf4-peft": ["--model.merge_for_predict", "false", "--model.backbone.fused_lora_inference", "false"],
-    # CUDA graphs for batches above titlegen.generate.loop.GRAPH_MAX_ROWS too (module constants, PATCHES)
-    "nf4-graphs": ["--model.merge_for_predict", "false"],
-    "merged-graphs": ["--model.merge_for_predict", "true"],
+    # before 2026-12-03: CUDA graphs for batches of up to 1,024 rows only (module constants, PATCHES)
+    "nf4-graphs1k": ["--model.merge_for_predict", "false"],
+    "merged-graphs1k": ["--model.merge_for_predict", "true"],
 }
-PATCHES = {"nf4-graphs": {"GRAPH_MAX_ROWS": 4096}, "merged-graphs": {"GRAPH_MAX_ROWS": 4096}}
+PATCHES = {"nf4-graphs1k": {"GRAPH_MAX_ROWS": 1024}, "merged-graphs1k": {"GRAPH_MAX_ROWS": 1024}}
 
 
 def make_adapter(ckpt: Path, target: Path) -> None:
