@@ -81,6 +81,10 @@ VARIANTS = {
     "recipe-ck75-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "0.75"],
     "recipe-ck100-graphs": RECIPE + GRAPHS + ["--model.backbone.checkpoint_fraction", "1.0"],
     "recipe-ck50-offload-compile": RECIPE + OFFLOAD + COMPILE + CK50,
+    # the fast path with its trunk replayed as CUDA graphs (offload and compile recorded too, since 2026-12-03)
+    "fast-offload-graphs": FAST + OFFLOAD + GRAPHS,
+    "fast-offload-compile-graphs": FAST + OFFLOAD + COMPILE + GRAPHS,
+    "fast-compile-graphs": FAST + COMPILE + GRAPHS,
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],
@@ -95,8 +99,8 @@ VARIANTS = {
     "config": [],  # the --base-config as it is (e.g. configs/t4-16gb.yaml)
 }
 
-# configs/llama3-8b-qlora.yaml turns model.backbone.training_graphs on (2026-12-03); it cannot run with offload or
-# compile, so every variant but the recipe as configured and the "-graphs" ones measures without it, as before.
+# configs/llama3-8b-qlora.yaml turns model.backbone.training_graphs on (2026-12-03): every variant but the recipe
+# as configured and the "-graphs" ones measures without it, as before.
 for _name, _flags in VARIANTS.items():
     if _name not in ("recipe", "config") and not _name.endswith("-graphs"):
         VARIANTS[_name] = ["--model.backbone.training_graphs", "false", *_flags]  # a new list: some share one

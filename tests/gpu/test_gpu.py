@@ -307,16 +307,21 @@ def _row_of(lengths: list[int], seed: int) -> dict:
     return {k: v.cuda() for k, v in collate_packed(examples, pad_id=3, pad_to_multiple_of=8).items()}
 
 
-def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("levers_on", [{}, {"offload_activations": True},
+                                       {"offload_activations": True, "compile_layers": True}],
+                         ids=["plain", "offload", "offload-compile"])
+def test_training_graphs_give_the_eager_loss_and_gradients(tmp_path, levers_on):
     """The trunk replayed as CUDA graphs gives the loss and adapter gradients of the same padded trunk run
     eagerly, and those of the model's own forward on the unpadded row within bf16 rounding, step after step while
     the weights change in place: a length seen before replays its graph, a longer one starts a new pool, a shorter
-    one records into it, and two micro-batches of one length add up (no gradient aliases the recorded buffers)."""
+    one records into it, and two micro-batches of one length add up (no gradient aliases the recorded buffers).
+    Also with the recomputed layers' inputs offloaded (recorded side-stream copies to fixed pinned buffers) and
+    with the layers' parts compiled."""
     from titlegen.model import levers, step_graphs
 
     _save_small_llama(tmp_path)
     cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", attn_implementation=ATTENTION_NAME,
-                            checkpoint_fraction=0.5, fused_lora=True, training_graphs=True)
+                            checkpoint_fraction=0.5, fused_lora=True, training_graphs=True, **levers_on)
     model = adapted(cfg, torch.device("cuda"), r=8, alpha=16, std=0.02)
     levers.prepare_training(model, cfg, fit=True)
     graphs = levers.training_graphs(model, cfg, 3, torch.device("cuda"))

@@ -8,7 +8,7 @@ import torch
 from tests.helpers import lora_grads
 from titlegen.errors import TitlegenError
 from titlegen.model import backbone as bb
-from titlegen.model.offload import offloaded_checkpoint
+from titlegen.model.offload import ActivationStore, offloaded_checkpoint
 
 
 def _grads(model_dir, autocast: bool, **backbone) -> tuple[float, dict[str, torch.Tensor]]:
@@ -34,9 +34,11 @@ def test_offload_covers_only_the_recomputed_layers(tiny_model_dir):
 
     cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), quantization="none", checkpoint_fraction=0.5,
                             offload_activations=True)
-    layers = [m for m in bb.load_base_model(cfg, torch.device("cpu")).modules()
-              if isinstance(m, GradientCheckpointingLayer)]
-    assert layers[0]._gradient_checkpointing_func is offloaded_checkpoint
+    model = bb.load_base_model(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    store = bb.split_decoder(model).trunk.activation_store
+    assert layers[0]._gradient_checkpointing_func.func is offloaded_checkpoint and store.count == 1
+    assert layers[0]._gradient_checkpointing_func.args == (store, layers[0], 0)
     assert not layers[1].gradient_checkpointing
 
 
@@ -47,4 +49,5 @@ def test_offload_without_checkpointing_is_one_line():
 
 def test_only_the_hidden_states_may_need_gradients():
     with pytest.raises(ValueError, match="only the first argument"):
-        offloaded_checkpoint(lambda h, w: h * w, torch.ones(2), torch.ones(2, requires_grad=True))
+        offloaded_checkpoint(ActivationStore(1), torch.nn.Linear(2, 2), 0, lambda h, w: h * w, torch.ones(2),
+                             torch.ones(2, requires_grad=True))

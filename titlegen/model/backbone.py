@@ -19,7 +19,7 @@ import torch
 from titlegen.errors import TitlegenError
 from titlegen.model.attention import register_attentions
 from titlegen.model.lora import unwrap
-from titlegen.model.offload import offloaded_checkpoint
+from titlegen.model.offload import ActivationStore
 
 log = logging.getLogger("titlegen")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -54,6 +54,9 @@ class BackboneConfig:
             (the same math as PEFT with less host time and fewer saved activations; ``titlegen/model/fused.py``).
         fused_lora_inference: The same fused paths without gradients (validation; predict with the 4-bit base
             and adapter): the LoRA update added inside the base matmul (H200, 8B NF4 predict: +3% and +9% in two runs).
+        training_graphs: Record the packed training step's decoder trunk as CUDA graphs and replay them (GPU;
+            needs ``data.packing`` and no LoRA dropout; ``titlegen/model/step_graphs.py``). Works with
+            ``offload_activations`` and ``compile_layers``.
         trust_remote_code: Run the Python files a model directory ships (its own model or tokenizer code). Off:
             such a model stops with one line saying so. Turn it on only for a model whose code you trust.
     """
@@ -80,9 +83,6 @@ class BackboneConfig:
         if self.offload_activations and not self.gradient_checkpointing:
             raise TitlegenError("model.backbone.offload_activations: needs model.backbone.gradient_checkpointing "
                                 "true (it offloads the inputs of the recomputed layers)")
-        if self.training_graphs and (self.offload_activations or self.compile_layers):
-            raise TitlegenError("model.backbone.training_graphs: cannot be combined with offload_activations or "
-                                "compile_layers (set those false)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -160,8 +160,9 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         layers = limit_checkpointing(model, cfg.checkpoint_fraction)
         if cfg.offload_activations:
-            for layer in layers:
-                layer._gradient_checkpointing_func = offloaded_checkpoint
+            store = ActivationStore(len(layers), preserve_rng=not cfg.training_graphs)
+            store.install(layers)
+            split_decoder(model).trunk.activation_store = store  # training_graphs gives it fixed buffers
     model.config.use_cache = not cfg.gradient_checkpointing
     return model
 

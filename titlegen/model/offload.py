@@ -2,15 +2,22 @@
 
 Under gradient checkpointing a recomputed layer keeps only its input until the backward pass, but 32 layers of
 8,192 tokens x 4,096 bf16 values are still 2 GiB of GPU memory. Here each recomputed layer's input goes to pinned
-CPU memory instead, copied on a side stream so that the GPU goes on computing, and comes back when the backward
-pass reaches that layer. The layer then runs again with gradients and is differentiated on the spot (the
-"reentrant" form of checkpointing), with the forward's autocast and random-number state, so dropout masks and
-dtypes are those of the first run.
+CPU memory instead, copied on a side stream so that the GPU goes on computing. In the backward pass each layer's
+input is copied back on the side stream while the layer after it (in backward order, the one before it) is
+being differentiated, so neither copy waits in the compute stream's line. The layer then runs again with
+gradients and is differentiated on the spot; its adapter weights are inputs of the recorded operation, so their
+gradients leave through autograd like any other (``autograd.grad`` of a recorded step, DDP's hooks).
+
+The same code serves the CUDA graphs of ``model.backbone.training_graphs``: :meth:`ActivationStore.reserve`
+gives every layer a fixed pinned buffer (a capture may not allocate pinned memory, and a replay writes where the
+recording did), the side-stream copies are joined back before the recording ends, and no random-number state is
+read (graphs refuse dropout, so there is nothing to replay).
 """
 
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 
@@ -23,25 +30,81 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[device]
 
 
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a CUDA tensor, made on a side stream (the caller's stream does not wait for it)."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cuda":
-        return tensor  # nothing to gain on a CPU; the logic is the same
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    side = _side_stream(tensor.device)
-    side.wait_stream(torch.cuda.current_stream(tensor.device))
-    with torch.cuda.stream(side):
-        host.copy_(tensor, non_blocking=True)
-    tensor.record_stream(side)  # its GPU memory is not handed out again before the copy has read it
-    return host
+class ActivationStore:
+    """The inputs of the offloaded layers (indices ``0..count-1``, in forward order) between the two passes."""
 
+    def __init__(self, count: int, preserve_rng: bool = True) -> None:
+        self.count, self.preserve_rng = count, preserve_rng
+        self.host: dict[int, torch.Tensor] = {}  # index -> the CPU copy of this step's input
+        self.slots: dict[int, torch.Tensor] = {}  # index -> a fixed pinned buffer (reserve), flat
+        self.ahead: dict[int, torch.Tensor] = {}  # index -> its GPU copy, already on its way (prefetch)
+        self.pending: list[torch.Tensor] = []  # GPU tensors that a side-stream copy may still be reading
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return host
-    torch.cuda.current_stream(device).wait_stream(_side_stream(device))  # the offload copy has finished
-    return host.to(device, non_blocking=True)
+    def install(self, layers: list[torch.nn.Module]) -> None:
+        for index, layer in enumerate(layers):
+            layer._gradient_checkpointing_func = partial(offloaded_checkpoint, self, layer, index)
+
+    def reserve(self, tokens: int, width: int, dtype: torch.dtype) -> None:
+        """Fixed pinned buffers for inputs of up to ``tokens`` x ``width`` values (before a CUDA graph capture)."""
+        if self.slots and next(iter(self.slots.values())).numel() >= tokens * width:
+            return
+        self.slots = {i: torch.empty(tokens * width, dtype=dtype, pin_memory=True) for i in range(self.count)}
+
+    def save(self, index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach()
+        self.ahead.pop(index, None)  # left over from a backward pass that did not finish
+        if hidden.device.type != "cuda":
+            self.host[index] = hidden  # nothing to gain on a CPU; the logic is the same
+            return
+        self.settle(hidden.device)  # the previous layer's copy (it ran beside that layer's whole forward)
+        slot = self.slots.get(index)
+        if slot is not None and slot.dtype == hidden.dtype and slot.numel() >= hidden.numel():
+            host = slot[: hidden.numel()].view(hidden.shape)
+        else:
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        side = _side_stream(hidden.device)
+        side.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(side):
+            host.copy_(hidden, non_blocking=True)
+        self.pending.append(hidden)  # its memory is not handed out again before the copy has read it
+        self.host[index] = host
+
+    def settle(self, device: torch.device) -> None:
+        """The compute stream waits for every side-stream copy made so far (a capture must end joined)."""
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+        self.pending.clear()
+
+    def load(self, index: int, device: torch.device) -> torch.Tensor:
+        """The input of layer ``index`` back on ``device``; starts copying the next one the backward needs."""
+        host = self.host.pop(index)
+        if device.type != "cuda":
+            return host
+        self.settle(device)
+        hidden = self.ahead.pop(index, None)
+        if hidden is None:
+            hidden = host.to(device, non_blocking=True)
+        before = self.host.get(index - 1)
+        if before is not None:
+            ahead = torch.empty(before.shape, dtype=before.dtype, device=device)  # the compute stream's memory:
+            side = _side_stream(device)  # the side stream writes it only after the compute stream's last use
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                ahead.copy_(before, non_blocking=True)
+            self.ahead[index - 1] = ahead
+        return hidden
+
+    def replay(self, device: torch.device, rng: tuple | None, autocast: tuple[bool, torch.dtype]):
+        """The forward's autocast (and random-number) state, for the recomputation in the backward pass."""
+        stack = contextlib.ExitStack()
+        if rng is not None:
+            stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], device)
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]))
+        return stack
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -49,50 +112,39 @@ def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), cuda
 
 
-@contextlib.contextmanager
-def _replay(device: torch.device, rng: tuple, autocast: tuple[bool, torch.dtype]):
-    """The forward's random-number and autocast state, for the recomputation in the backward pass."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], device)
-        with torch.enable_grad(), torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]):
-            yield
-
-
 class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, hidden, anchor, *args):
+    def forward(ctx, store: ActivationStore, index: int, run, count: int, hidden: torch.Tensor, *rest):
         device = hidden.device
-        ctx.run, ctx.args, ctx.device = run, args, device
+        ctx.store, ctx.index, ctx.run, ctx.device = store, index, run, device
+        ctx.params, ctx.args = rest[:count], rest[count:]
         ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        ctx.rng = _rng_state(device)
-        ctx.host = to_host(hidden)
+        ctx.rng = _rng_state(device) if store.preserve_rng else None
         ctx.hidden_grad = hidden.requires_grad
+        store.save(index, hidden)
         with torch.no_grad():
-            return run(hidden, *args)
+            return run(hidden, *ctx.args)
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden = to_device(ctx.host, ctx.device).detach().requires_grad_(ctx.hidden_grad)
-        ctx.host = None
-        with _replay(ctx.device, ctx.rng, ctx.autocast):
+        hidden = ctx.store.load(ctx.index, ctx.device).detach().requires_grad_(ctx.hidden_grad)
+        with ctx.store.replay(ctx.device, ctx.rng, ctx.autocast):
             out = ctx.run(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, hidden.grad if ctx.hidden_grad else None, None) + (None,) * len(ctx.args)
+        wrt = ((hidden,) if ctx.hidden_grad else ()) + tuple(ctx.params)
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        hidden_grad, params_grad = (got[0], got[1:]) if ctx.hidden_grad else (None, got)
+        return (None, None, None, None, hidden_grad, *params_grad) + (None,) * len(ctx.args)
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
-    """Drop-in for ``torch.utils.checkpoint.checkpoint(run, hidden, *args)`` that keeps ``hidden`` in CPU memory.
-
-    The other arguments (position embeddings, masks) are kept as they are and must not need gradients. The
-    ``anchor`` makes the output require gradients even when ``hidden`` does not (the first layer after a frozen
-    embedding), so that the layer's own LoRA weights still get theirs.
-    """
+def offloaded_checkpoint(store: ActivationStore, layer: torch.nn.Module, index: int, run, hidden: torch.Tensor,
+                         *args):
+    """Drop-in for ``torch.utils.checkpoint.checkpoint(run, hidden, *args)`` for ``layer`` (the ``index``-th
+    offloaded one) that keeps ``hidden`` in CPU memory. The other arguments (position embeddings, masks) are kept
+    as they are and must not need gradients; the layer's trainable weights (its adapter) get theirs."""
     for arg in args:
         if torch.is_tensor(arg) and arg.requires_grad:
             raise ValueError("offloaded_checkpoint: only the first argument may need gradients")
-    anchor = torch.empty(0, requires_grad=True)
-    return _OffloadedLayer.apply(run, hidden, anchor, *args)
+    params = [p for p in layer.parameters() if p.requires_grad]  # now: the adapter is attached after loading
+    return _OffloadedLayer.apply(store, index, run, len(params), hidden, *params, *args)

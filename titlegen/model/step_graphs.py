@@ -12,7 +12,10 @@ What a replay needs, and how it gets it:
   optimizer; the adapter gradients leave the recorded buffers as fresh copies that autograd puts in ``.grad``;
 - nothing read back to the host inside: attention's longest segment is given as the padded length (an upper
   bound: the same result), and recomputation does not save RNG state (so no dropout anywhere).
-The loss (response tokens only) and the optimizer stay eager. Memory: every graph shares one pool, sized by its
+With ``offload_activations`` the recorded forward copies each recomputed layer's input to a fixed pinned
+buffer on a side stream and the recorded backward copies it back ahead of its layer (:mod:`offload`); with
+``compile_layers`` the compiled kernels of the eager first step are recorded. The loss (response tokens only) and
+the optimizer stay eager. Memory: every graph shares one pool, sized by its
 first recording: the epoch's longest row, known from the batch plan at the epoch's start. A longer row than the
 pool's (a new epoch's, or when no plan is known) drops every graph and starts a new pool, so the pool never holds
 two sizes' worth. The first training step runs eagerly (the lazy set-up of every library happens there, not in a
@@ -113,13 +116,16 @@ class _GraphPair:
     """The forward and the backward (adapter gradients for a given output gradient) of ``run`` recorded for
     one set of input shapes. Recording runs nothing: the first replay computes."""
 
-    def __init__(self, run, inputs: tuple[torch.Tensor, ...], params: tuple[torch.Tensor, ...], pool) -> None:
+    def __init__(self, run, inputs: tuple[torch.Tensor, ...], params: tuple[torch.Tensor, ...], pool,
+                 store=None) -> None:
         self.inputs = tuple(t.clone() for t in inputs)
         self.forward, self.backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         capture = partial(torch.cuda.graph, pool=pool, capture_error_mode="thread_local")
         with capture_autocast(inputs[0].device):
             with capture(self.forward):
                 self.output = run(*self.inputs)
+                if store is not None:
+                    store.settle(self.output.device)  # the offload copies joined back before the capture ends
             self.grad_output = torch.zeros_like(self.output)
             with _quiet_stream_notice(), capture(self.backward):
                 self.grads = torch.autograd.grad(self.output, params, self.grad_output)
@@ -153,6 +159,7 @@ class TrunkGraphs:
     def __init__(self, decoder: torch.nn.Module, pad_id: int) -> None:
         check_model(decoder)
         self.decoder, self.pad_id = decoder, pad_id
+        self.store = getattr(decoder, "activation_store", None)  # model.backbone.offload_activations
         self.params = tuple(p for p in decoder.parameters() if p.requires_grad)
         self.pairs: dict[tuple[int, int], _GraphPair] = {}
         self.longest, self.planned, self.pool = 0, 0, None
@@ -183,6 +190,8 @@ class TrunkGraphs:
         if length > self.longest:  # a fresh pool, sized by its first recording: no two sizes' memory is held
             self.pairs.clear()
             self.pool, self.longest = torch.cuda.graph_pool_handle(), length
+            if self.store is not None:  # offloaded layer inputs: fixed pinned buffers for rows of this length
+                self.store.reserve(length, self.decoder.config.hidden_size, self.decoder.embed_tokens.weight.dtype)
             if length > key[0] and self._add(*_placeholder(self.decoder, length)) is None:
                 return None
         return self._add(key, run, inputs)
@@ -190,7 +199,7 @@ class TrunkGraphs:
     def _add(self, key: tuple[int, int], run, inputs: tuple[torch.Tensor, ...]) -> _GraphPair | None:
         start = time.perf_counter()
         try:
-            pair = _GraphPair(run, inputs, self.params, self.pool)
+            pair = _GraphPair(run, inputs, self.params, self.pool, self.store)
         except torch.OutOfMemoryError:
             raise  # the step's own handling decides: the one-line message, or model.oom_backoff's smaller parts
         except RuntimeError as err:
