@@ -39,6 +39,7 @@ class ActivationStore:
         self.slots: dict[int, torch.Tensor] = {}  # index -> a fixed pinned buffer (reserve), flat
         self.ahead: dict[int, torch.Tensor] = {}  # index -> its GPU copy, already on its way (prefetch)
         self.pending: list[torch.Tensor] = []  # GPU tensors that a side-stream copy may still be reading
+        self.forked = False  # side-stream work not yet joined (a capture may join only what it forked itself)
 
     def install(self, layers: list[torch.nn.Module]) -> None:
         for index, layer in enumerate(layers):
@@ -62,17 +63,26 @@ class ActivationStore:
             host = slot[: hidden.numel()].view(hidden.shape)
         else:
             host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-        side = _side_stream(hidden.device)
-        side.wait_stream(torch.cuda.current_stream(hidden.device))
-        with torch.cuda.stream(side):
+        with self._forked(hidden.device):
             host.copy_(hidden, non_blocking=True)
         self.pending.append(hidden)  # its memory is not handed out again before the copy has read it
         self.host[index] = host
 
+    @contextlib.contextmanager
+    def _forked(self, device: torch.device):
+        """Work on the side stream, after everything queued so far on the compute stream."""
+        side = _side_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        self.forked = True
+        with torch.cuda.stream(side):
+            yield
+
     def settle(self, device: torch.device) -> None:
-        """The compute stream waits for every side-stream copy made so far (a capture must end joined)."""
-        if device.type == "cuda":
+        """The compute stream waits for every side-stream copy made so far (a capture must end joined, and may
+        not wait for work from before it began)."""
+        if self.forked and device.type == "cuda":
             torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+        self.forked = False
         self.pending.clear()
 
     def load(self, index: int, device: torch.device) -> torch.Tensor:
@@ -87,14 +97,12 @@ class ActivationStore:
         before = self.host.get(index - 1)
         if before is not None:
             ahead = torch.empty(before.shape, dtype=before.dtype, device=device)  # the compute stream's memory:
-            side = _side_stream(device)  # the side stream writes it only after the compute stream's last use
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            with self._forked(device):  # the side stream writes it only after the compute stream's last use
                 ahead.copy_(before, non_blocking=True)
             self.ahead[index - 1] = ahead
         return hidden
 
-    def replay(self, device: torch.device, rng: tuple | None, autocast: tuple[bool, torch.dtype]):
+    def replay(self, device: torch.device, rng: tuple | None, autocast: tuple[bool, torch.dtype, bool]):
         """The forward's autocast (and random-number) state, for the recomputation in the backward pass."""
         stack = contextlib.ExitStack()
         if rng is not None:
@@ -103,7 +111,8 @@ class ActivationStore:
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], device)
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]))
+        stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0],
+                                           cache_enabled=autocast[2]))
         return stack
 
 
@@ -118,7 +127,8 @@ class _OffloadedLayer(torch.autograd.Function):
         device = hidden.device
         ctx.store, ctx.index, ctx.run, ctx.device = store, index, run, device
         ctx.params, ctx.args = rest[:count], rest[count:]
-        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+                        torch.is_autocast_cache_enabled())
         ctx.rng = _rng_state(device) if store.preserve_rng else None
         ctx.hidden_grad = hidden.requires_grad
         store.save(index, hidden)

@@ -172,7 +172,8 @@ class TrunkGraphs:
         run = partial(trunk_forward, self.decoder, max_length=length)
         if not self.warm or not self.enabled:
             self.warm = True
-            return run(*inputs), labels
+            with capture_autocast(inputs[0].device):  # as in a capture: compiled parts see the same autocast
+                return run(*inputs), labels
         key = (length, inputs[2].numel())
         pair = self.pairs.get(key) if self.planned <= self.longest else None  # a longer plan: a new pool first
         pair = pair or self._record(key, run, tuple(inputs))
@@ -198,6 +199,8 @@ class TrunkGraphs:
 
     def _add(self, key: tuple[int, int], run, inputs: tuple[torch.Tensor, ...]) -> _GraphPair | None:
         start = time.perf_counter()
+        if self.store is not None:
+            self.store.settle(self.params[0].device)  # joined before the capture: it may join only its own copies
         try:
             pair = _GraphPair(run, inputs, self.params, self.pool, self.store)
         except torch.OutOfMemoryError:
