@@ -210,7 +210,9 @@ def test_offload_and_fused_projections_on_cuda(tmp_path):
     spread, offload, fusion = worst(ck_again), worst(off), worst(fused)
     print(f"largest relative gradient difference from checkpointing: checkpointing again {spread:.2e}, "
           f"offload {offload:.2e}, fused {fusion:.2e}")
-    assert offload < max(4 * spread, 1e-3) and fusion < 0.05
+    # the spread moves from run to run: 1.4e-3 or less in one call, 5.6e-3 in the next (offload 5.4e-3 in both, the
+    # same with a device sync after every copy), so the floor is bf16 rounding, not the spread of one pair of runs
+    assert offload < max(4 * spread, 1e-2) and fusion < 0.05
 
 
 def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
