@@ -26,8 +26,6 @@ def test_the_sampler_gets_its_lengths_without_formatting_rows(tmp_path, tiny_mod
     assert sum(len(b["input_ids"]) for b in loader) == len(dm.splits["train"])
 
 
-
-
 def test_the_longest_packed_row_of_the_epoch_is_known_before_it_comes(tmp_path, tiny_model_dir):
     """What ``model.backbone.training_graphs`` sizes its memory pool by: the epoch's longest packed row."""
     dm = TitleDataModule(path=str(write_jsonl(tmp_path / "trn.json", FIXTURE_ROWS)), tokenizer=str(tiny_model_dir),

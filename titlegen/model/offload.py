@@ -102,23 +102,24 @@ class ActivationStore:
             self.ahead[index - 1] = ahead
         return hidden
 
-    def replay(self, device: torch.device, rng: tuple | None, autocast: tuple[bool, torch.dtype, bool]):
-        """The forward's autocast (and random-number) state, for the recomputation in the backward pass."""
-        stack = contextlib.ExitStack()
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replay(device: torch.device, rng: tuple | None, autocast: tuple[bool, torch.dtype, bool]):
+    """The forward's autocast (and random-number) state, for the recomputation in the backward pass."""
+    with contextlib.ExitStack() as stack:
         if rng is not None:
             stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], device)
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0],
-                                           cache_enabled=autocast[2]))
-        return stack
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+        with torch.enable_grad(), torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0],
+                                                 cache_enabled=autocast[2]):
+            yield
 
 
 class _OffloadedLayer(torch.autograd.Function):
@@ -138,7 +139,7 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden = ctx.store.load(ctx.index, ctx.device).detach().requires_grad_(ctx.hidden_grad)
-        with ctx.store.replay(ctx.device, ctx.rng, ctx.autocast):
+        with _replay(ctx.device, ctx.rng, ctx.autocast):
             out = ctx.run(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
