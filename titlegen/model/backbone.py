@@ -34,8 +34,9 @@ class BackboneConfig:
         name_or_path: Local directory of a Hugging Face causal LM (or a Hub name, if the Hub is reachable).
         quantization: ``nf4``/``fp4`` quantize the linear layers to 4 bits with bitsandbytes; ``none`` keeps them.
         double_quant: Quantize the 4-bit scales too (saves ~0.4 bit per weight).
-        quant_storage: The dtype the packed 4-bit weights are stored in; the bits and results are the same. Sharding
-            them with FSDP needs the other parameters' dtype (bfloat16), which titlegen does not support yet.
+        quant_storage: The dtype the packed 4-bit weights are stored in; the bits and results are the same. FSDP1's
+            flat parameters need the other parameters' dtype (bfloat16); FSDP2 shards any (titlegen's ``fit`` does
+            not shard 4-bit weights yet).
         compute_dtype: dtype of the non-quantized weights and of the 4-bit matmuls; ``auto`` is bfloat16 on a GPU
             and float32 on a CPU.
         attn_implementation: ``sdpa`` (default), ``titlegen_varlen`` (needed by ``data.packing``: PyTorch's
