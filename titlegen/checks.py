@@ -30,6 +30,7 @@ def check_settings(cfg) -> None:
             cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
     check_backoff(cfg)
     check_sharding(cfg)
+    check_fsdp2(cfg)
     check_graphs(cfg)
 
 
@@ -51,8 +52,29 @@ def check_sharding(cfg) -> None:
     quantization = ((cfg.get("model") or {}).get("backbone") or {}).get("quantization", "nf4")
     if "fsdp" in strategy.lower() and quantization != "none":
         raise TitlegenError(f"trainer.strategy {strategy} with model.backbone.quantization {quantization}: FSDP of "
-                            "4-bit weights is not supported yet; use --trainer.strategy ddp (one 4-bit copy per GPU)"
-                            " or --model.backbone.quantization none")
+                            "4-bit weights runs through --trainer.strategy lightning.pytorch.strategies."
+                            "ModelParallelStrategy (FSDP2; README: Several GPUs), or use --trainer.strategy ddp")
+
+
+def check_fsdp2(cfg) -> None:
+    """What FSDP2 (``ModelParallelStrategy``) does not run yet, said before loading: bitsandbytes optimizers
+    (they cannot step sharded weights), the step levers not tested with it, and resuming a sharded run."""
+    if "ModelParallelStrategy" not in str((cfg.get("trainer") or {}).get("strategy") or ""):
+        return
+    model = cfg.get("model") or {}
+    backbone = model.get("backbone") or {}
+    optimizer = model.get("optimizer")
+    optimizer = str(optimizer.get("class_path", "") if hasattr(optimizer, "get") else optimizer or "")
+    untested = [flag for flag in ("offload_activations", "compile_layers", "training_graphs") if backbone.get(flag)]
+    prefix = "trainer.strategy ModelParallelStrategy (FSDP2)"
+    if optimizer.startswith("bitsandbytes"):
+        raise TitlegenError(f"{prefix}: {optimizer} cannot step sharded weights; use --model.optimizer "
+                            "torch.optim.AdamW")
+    if untested:
+        raise TitlegenError(f"{prefix}: not tested with model.backbone.{untested[0]} yet; set it false")
+    if cfg.get("ckpt_path"):
+        raise TitlegenError(f"{prefix}: resuming a sharded run is not supported yet (ckpt_path "
+                            f"{cfg.get('ckpt_path')})")
 
 
 def check_backoff(cfg) -> None:

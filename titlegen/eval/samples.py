@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from titlegen.eval.rows import sample_batch, sample_rows
 from titlegen.generate.engines import generate
+from titlegen.model import sharding
 
 
 def log_samples(module, step: int) -> None:
     """Generate for the sample titles with ``module``'s model and log the table at ``step`` (rank 0 only)."""
     dm = module.trainer.datamodule
-    if module.global_rank != 0 or dm is None or module.logger is None or not hasattr(module.logger.experiment,
-                                                                                     "add_text"):
+    alone = module.global_rank != 0 and not sharding.is_sharded(module.model)  # FSDP: every rank generates
+    if alone or dm is None or module.logger is None or not hasattr(module.logger.experiment, "add_text"):
         return
     rows = sample_rows(dm)
     if not rows:

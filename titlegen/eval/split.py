@@ -14,6 +14,7 @@ from titlegen.eval.metrics import quality_report
 from titlegen.eval.report import METRICS, write_report
 from titlegen.eval.rows import generation_loader, split_rows
 from titlegen.generate.engines import generate
+from titlegen.model import sharding
 
 
 def wanted(mode: str, fn: str) -> bool:
@@ -24,7 +25,7 @@ def wanted(mode: str, fn: str) -> bool:
 @torch.no_grad()
 def split_generation_metrics(module, split: str, losses: dict[str, float]) -> dict | None:
     dm = module.trainer.datamodule
-    if module.global_rank != 0 or dm is None:
+    if (module.global_rank != 0 and not sharding.is_sharded(module.model)) or dm is None:  # FSDP: every rank
         return None
     rows = split_rows(dm, split)
     if not rows:

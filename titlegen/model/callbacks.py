@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 from titlegen.data.prompts import save_prompt
 from titlegen.io import copy_if_present, staged_dir
+from titlegen.model import sharding
 from titlegen.model.lora import save_adapter
 
 
@@ -55,17 +56,22 @@ class AdapterExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
-        if trainer.global_rank != 0 or log_dir is None or any(getattr(c, "stopped_by", None) for c in trainer.callbacks):
+        if log_dir is None or any(getattr(c, "stopped_by", None) for c in trainer.callbacks):
             return  # a run stopped by a signal is not finished: its last.ckpt resumes it
+        # FSDP: the shards gathered on every rank (a collective), written by rank 0
+        state = sharding.full_adapter_state(pl_module.model) if sharding.is_sharded(pl_module.model) else None
+        if trainer.global_rank != 0:
+            return
         target = Path(log_dir) / "adapter"
-        export_adapter(pl_module, trainer.datamodule, target, Path(log_dir) / "config.yaml")
+        export_adapter(pl_module, trainer.datamodule, target, Path(log_dir) / "config.yaml", state)
         pl_module.print(f"adapter exported: {target}")
 
 
-def export_adapter(pl_module, datamodule, target: Path, config_file: Path | None = None) -> Path:
+def export_adapter(pl_module, datamodule, target: Path, config_file: Path | None = None,
+                   state: dict | None = None) -> Path:
     """Write the adapter directory (the run's own output: a resumed fit replaces it) in one rename."""
     with staged_dir(target, replace=True) as staged:
-        save_adapter(pl_module.model, staged)
+        save_adapter(pl_module.model, staged, state)
         pl_module.tokenizer.save_pretrained(str(staged))
         save_prompt(datamodule.prompt, staged)
         if config_file is not None:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 def _dense(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight (out, in) in ``dtype``: dequantized on the fly when it is 4-bit."""
     weight = base.weight
-    state = getattr(weight, "quant_state", None)
+    # a weight gathered by FSDP2 is a plain tensor: its 4-bit state stays on the module (bitsandbytes keeps it there)
+    state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
     if state is not None:
         import bitsandbytes.functional as bnbf
 

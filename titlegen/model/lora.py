@@ -75,12 +75,12 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     return PeftModel.from_pretrained(model, str(check_adapter_dir(adapter_dir)), is_trainable=False)
 
 
-def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
+def save_adapter(model: torch.nn.Module, directory: str | Path, state: dict | None = None) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) into ``directory``.
 
     A local base model is recorded by its absolute path, so the adapter loads from any working directory
     (PEFT's ``AutoPeftModelForCausalLM``, ``predict --ckpt_path ADAPTER`` without a config)."""
-    model.save_pretrained(str(directory), safe_serialization=True)
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state)  # state: FSDP's, gathered
     config_file = Path(directory) / "adapter_config.json"
     config = json.loads(config_file.read_text())
     base = config.get("base_model_name_or_path")

@@ -19,7 +19,7 @@ from titlegen.eval.split import split_generation_metrics, wanted
 from titlegen.generate.engines import generate
 from titlegen.generate.settings import GenerationSettings
 from titlegen.model import backbone as bb
-from titlegen.model import levers
+from titlegen.model import levers, sharding
 from titlegen.model.attention import PACKED_ATTENTION, packed_forward_kwargs
 from titlegen.model.lora import LoraSettings, adapter_off, attach_lora, cast_adapter, load_adapter, unwrap
 from titlegen.model.loss import response_loss
@@ -94,6 +94,9 @@ class TitleGenModule(L.LightningModule):
         self._decoder = bb.split_decoder(self.model)
         fit = self._trainer is not None and self.trainer.state.fn == "fit"
         levers.prepare_training(self.model, self.backbone_cfg, fit=fit)
+        mesh = sharding.data_parallel_mesh(self.trainer) if self._trainer is not None else None
+        if mesh is not None:
+            sharding.shard(self.model, mesh)
         if fit:  # the training trunk as CUDA graphs (model.backbone.training_graphs), or None
             self._graphs = levers.training_graphs(self.model, self.backbone_cfg, self.tokenizer.pad_token_id, device)
         context = getattr(self.model.config, "max_position_embeddings", None)

@@ -1,0 +1,56 @@
+"""FSDP2 for the 4-bit model: ``--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy`` (its
+``tensor_parallel_size`` 1) shards every decoder layer and the rest of the model over the data-parallel ranks with
+PyTorch's ``fully_shard``. FSDP2 shards each parameter on its own, so the packed 4-bit weights shard in any storage
+dtype; bitsandbytes rebuilds each gathered weight's 4-bit state from its module (tests/model/test_sharding.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from titlegen.errors import TitlegenError
+from titlegen.model.backbone import split_decoder
+
+
+def data_parallel_mesh(trainer) -> object | None:
+    """The data-parallel device mesh when the trainer's strategy is Lightning's ModelParallelStrategy, else None."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, ModelParallelStrategy):
+        return None
+    mesh = strategy.device_mesh
+    if mesh["tensor_parallel"].size() != 1:
+        raise TitlegenError("trainer.strategy ModelParallelStrategy: titlegen shards with FSDP only; set "
+                            "--trainer.strategy.tensor_parallel_size 1 and data_parallel_size to the device count")
+    return mesh["data_parallel"]
+
+
+def shard(model: torch.nn.Module, mesh) -> None:
+    """Each decoder layer its own FSDP2 unit (gathered for its forward and backward only), then the trunk around
+    them (embeddings, final norm), which titlegen's steps call directly. The output head stays whole on every rank:
+    the loss reads its weight in chunks outside any module call. Every trainable weight must be in a layer."""
+    from torch.distributed.fsdp import fully_shard
+
+    decoder = split_decoder(model)
+    outside = [n for n, p in decoder.head.named_parameters() if p.requires_grad]
+    if outside:
+        raise TitlegenError("FSDP: the output head has trainable weights (model.lora targets it?); titlegen shards "
+                            "adapters inside the decoder layers only")
+    for layer in decoder.trunk.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(decoder.trunk, mesh=mesh)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 holds ``model``'s weights in shards: then every rank must take part in each forward."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights whole (a collective: every rank calls it), keyed as in ``model.state_dict()``."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in model.state_dict().items() if "lora_" in k}
