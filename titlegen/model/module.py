@@ -94,9 +94,7 @@ class TitleGenModule(L.LightningModule):
         self._decoder = bb.split_decoder(self.model)
         fit = self._trainer is not None and self.trainer.state.fn == "fit"
         levers.prepare_training(self.model, self.backbone_cfg, fit=fit)
-        mesh = sharding.data_parallel_mesh(self.trainer) if self._trainer is not None else None
-        if mesh is not None:
-            sharding.shard(self.model, mesh)
+        sharding.shard_if_asked(self._trainer, self.model)  # FSDP2 under ModelParallelStrategy
         if fit:  # the training trunk as CUDA graphs (model.backbone.training_graphs), or None
             self._graphs = levers.training_graphs(self.model, self.backbone_cfg, self.tokenizer.pad_token_id, device)
         context = getattr(self.model.config, "max_position_embeddings", None)

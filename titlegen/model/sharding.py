@@ -25,6 +25,13 @@ def data_parallel_mesh(trainer) -> object | None:
     return mesh["data_parallel"]
 
 
+def shard_if_asked(trainer, model: torch.nn.Module) -> None:
+    """Shard ``model`` when ``trainer`` (None outside a run) runs Lightning's ModelParallelStrategy."""
+    mesh = data_parallel_mesh(trainer) if trainer is not None else None
+    if mesh is not None:
+        shard(model, mesh)
+
+
 def shard(model: torch.nn.Module, mesh) -> None:
     """Each decoder layer its own FSDP2 unit (gathered for its forward and backward only), then the trunk around
     them (embeddings, final norm), which titlegen's steps call directly. The output head stays whole on every rank:
