@@ -22,7 +22,7 @@ SETTINGS = {("data", "prompt"): PromptTemplate, ("model", "generation"): Generat
             ("model", "backbone"): BackboneConfig}
 
 
-def check_settings(cfg) -> None:
+def check_settings(cfg, subcommand: str = "fit") -> None:
     """Build each settings dataclass from the parsed configuration once, so its checks speak first."""
     for (group, key), cls in SETTINGS.items():
         value = cfg.get(group, {}).get(key) if hasattr(cfg.get(group, {}), "get") else None
@@ -30,7 +30,7 @@ def check_settings(cfg) -> None:
             cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
     check_backoff(cfg)
     check_sharding(cfg)
-    check_fsdp2(cfg)
+    check_fsdp2(cfg, subcommand)
     check_graphs(cfg)
 
 
@@ -56,17 +56,21 @@ def check_sharding(cfg) -> None:
                             "ModelParallelStrategy (FSDP2; README: Several GPUs), or use --trainer.strategy ddp")
 
 
-def check_fsdp2(cfg) -> None:
-    """What FSDP2 (``ModelParallelStrategy``) does not run yet, said before loading: bitsandbytes optimizers
-    (they cannot step sharded weights), the step levers not tested with it, and resuming a sharded run."""
+def check_fsdp2(cfg, subcommand: str = "fit") -> None:
+    """What FSDP2 (``ModelParallelStrategy``) does not run yet, said before loading: commands other than fit
+    (their ranks take different batches, while a sharded forward needs every rank), bitsandbytes optimizers (they
+    cannot step sharded weights), the step levers not tested with it, and resuming a sharded run."""
     if "ModelParallelStrategy" not in str((cfg.get("trainer") or {}).get("strategy") or ""):
         return
+    prefix = "trainer.strategy ModelParallelStrategy (FSDP2)"
+    if subcommand != "fit":
+        raise TitlegenError(f"{prefix}: shards fit only; run {subcommand} on one device or with --trainer.strategy "
+                            "ddp")
     model = cfg.get("model") or {}
     backbone = model.get("backbone") or {}
     optimizer = model.get("optimizer")
     optimizer = str(optimizer.get("class_path", "") if hasattr(optimizer, "get") else optimizer or "")
     untested = [flag for flag in ("offload_activations", "compile_layers", "training_graphs") if backbone.get(flag)]
-    prefix = "trainer.strategy ModelParallelStrategy (FSDP2)"
     if optimizer.startswith("bitsandbytes"):
         raise TitlegenError(f"{prefix}: {optimizer} cannot step sharded weights; use --model.optimizer "
                             "torch.optim.AdamW")

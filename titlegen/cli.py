@@ -91,7 +91,7 @@ class TitlegenCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        check_settings(cfg)
+        check_settings(cfg, self.subcommand)
         ckpt = cfg.get("ckpt_path")
         if self.subcommand != "fit" and ckpt and not cfg.model.backbone.name_or_path and Path(ckpt).is_dir():
             # An adapter records its base: `predict --ckpt_path ADAPTER` needs no config to find it.

@@ -258,3 +258,6 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_exports_the_whole_adapter(
                            (["--ckpt_path", "last"], "resuming a sharded run is not supported yet")):
         out = subprocess.run([*base, *fsdp2, *extra], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert out.returncode == 2 and message in out.stderr and out.stderr.count("titlegen: error") == 1, out.stderr
+    validate = [sys.executable, "-m", "titlegen", "validate", "--config", str(cfg), *fsdp2]
+    out = subprocess.run(validate, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 2 and "shards fit only; run validate on one device" in out.stderr, out.stderr
