@@ -12,8 +12,9 @@ def log_samples(module, step: int) -> None:
     """Generate for the sample titles with ``module``'s model and log the table at ``step`` (rank 0 logs; with
     sharded weights every rank generates too, since each forward gathers them from all)."""
     dm = module.trainer.datamodule
-    alone = module.global_rank != 0 and not sharding.is_sharded(module.model)  # FSDP: every rank generates
-    if alone or dm is None or module.logger is None or not hasattr(module.logger.experiment, "add_text"):
+    if not sharding.generates_here(module) or dm is None or module.logger is None:
+        return
+    if not hasattr(module.logger.experiment, "add_text"):
         return
     rows = sample_rows(dm)
     if not rows:

@@ -25,7 +25,7 @@ def wanted(mode: str, fn: str) -> bool:
 @torch.no_grad()
 def split_generation_metrics(module, split: str, losses: dict[str, float]) -> dict | None:
     dm = module.trainer.datamodule
-    if (module.global_rank != 0 and not sharding.is_sharded(module.model)) or dm is None:  # FSDP: every rank
+    if not sharding.generates_here(module) or dm is None:
         return None
     rows = split_rows(dm, split)
     if not rows:

@@ -55,6 +55,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def generates_here(module) -> bool:
+    """Whether this rank runs a validation generation: rank 0 alone, or every rank when the weights are sharded
+    (each sharded forward gathers them from all ranks; rank 0 alone logs the result)."""
+    return module.global_rank == 0 or is_sharded(module.model)
+
+
 def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights whole (a collective: every rank calls it), keyed as in ``model.state_dict()``."""
     from torch.distributed.tensor import DTensor
