@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import random
@@ -48,6 +49,7 @@ COMPILE = ["--model.backbone.compile_layers", "true"]
 FUSED = ["--model.backbone.fused_lora", "true"]
 CK50 = ["--model.backbone.checkpoint_fraction", "0.5"]
 GRAPHS = ["--model.backbone.training_graphs", "true"]
+ADAMW = ["--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "2e-4"]  # FSDP2 steps torch's only
 RECIPE = PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"]
 # name -> config overrides on top of configs/llama3-8b-qlora.yaml (r=16 all linear, alpha 16, AdamW8bit, lr 2e-4;
 # since 2026-12-02 it packs and has fused_lora on: the "-peft" variants switch the fusion off)
@@ -85,6 +87,13 @@ VARIANTS = {
     "fast-offload-graphs": FAST + OFFLOAD + GRAPHS,
     "fast-offload-compile-graphs": FAST + OFFLOAD + COMPILE + GRAPHS,
     "fast-compile-graphs": FAST + COMPILE + GRAPHS,
+    # the fast path before a recomputed layer's MLP skipped the down projection whose output it discards
+    "fast-offload-compile-fullrecompute": FAST + OFFLOAD + COMPILE,
+    # FSDP2 (Lightning's ModelParallelStrategy) on one GPU, against the same path unsharded: per-GPU memory, speed
+    "fast-adamw": FAST + ADAMW,
+    "fast-fsdp2": FAST + ADAMW + ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+                                  "--trainer.strategy.data_parallel_size", "1",
+                                  "--trainer.strategy.tensor_parallel_size", "1"],
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],
@@ -104,6 +113,10 @@ VARIANTS = {
 for _name, _flags in VARIANTS.items():
     if _name not in ("recipe", "config") and not _name.endswith("-graphs"):
         VARIANTS[_name] = ["--model.backbone.training_graphs", "false", *_flags]  # a new list: some share one
+
+
+# variant -> (module, name, value) set for that variant's run only
+PATCHES = {"fast-offload-compile-fullrecompute": ("titlegen.model.fused", "RESIDUAL_ONLY_MLP", ())}
 
 
 def make_checkpoint(shape: str, path: Path) -> Path:
@@ -180,7 +193,13 @@ def run_variant(name: str, args, ckpt: Path, data: Path, mean_len: float, tmp: P
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    main(["fit", "--config", args.base_config, "--config", str(cfg), *flags, *args.extra])
+    module, attr, value = PATCHES.get(name, ("titlegen", "__doc__", None))
+    saved = getattr(importlib.import_module(module), attr)
+    setattr(importlib.import_module(module), attr, value if name in PATCHES else saved)
+    try:
+        main(["fit", "--config", args.base_config, "--config", str(cfg), *flags, *args.extra])
+    finally:
+        setattr(importlib.import_module(module), attr, saved)
     result = json.loads((tmp / "result.json").read_text())
     return {"name": f"titlegen-{name}-{args.shape}", **result, "wall_s": round(time.time() - t0, 1),
             **({"flags": " ".join(args.extra)} if args.extra else {})}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -68,6 +70,10 @@ class BenchClock(L.Callback):
 
     def _report_profile(self, wall: float) -> None:
         """Top kernels, top host-side ops, and how busy the GPU was over the profiled step."""
+        trace = os.environ.get("TITLEGEN_TRACE")  # a Chrome trace of the step too (gzipped), for the timeline
+        if trace:
+            self._prof.export_chrome_trace(trace.removesuffix(".gz"))
+            subprocess.run(["gzip", "-f", trace.removesuffix(".gz")], check=False)
         averages = self._prof.key_averages()
         print(averages.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
         print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)

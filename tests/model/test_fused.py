@@ -39,6 +39,33 @@ def test_fused_with_checkpointing_and_offload(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=2e-5 * ref[name].abs().max().item())
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpointing", "offload"])
+def test_recomputed_mlp_skips_its_discarded_down_projection(tiny_model_dir, monkeypatch, offload):
+    """A recomputed Llama layer's output is discarded, so its fused MLP leaves out the down projection's base
+    matmul: the down projection's weight is dequantized once less per layer and step, and every gradient is as
+    with the matmul done."""
+    dense, down_calls = fused._dense, []
+
+    def counting(base, dtype):
+        down_calls.append(base.in_features == 128)  # the down projection: 128 (intermediate) -> 64
+        return dense(base, dtype)
+
+    monkeypatch.setattr(fused, "_dense", counting)
+    runs, listed = {}, fused.RESIDUAL_ONLY_MLP
+    for skip in (False, True):
+        monkeypatch.setattr(fused, "RESIDUAL_ONLY_MLP", listed if skip else ())
+        down_calls.clear()
+        runs[skip] = _run(tiny_model_dir, fuse=True, autocast=False, offload_activations=offload)
+        # per layer: forward (the offload's runs without gradients, on PEFT's path here), recomputation, backward
+        assert len([c for c in down_calls if c]) / 2 == (2 if offload else 3) - skip, skip
+    (loss, ref, _, _), (loss_s, got, _, model) = runs[False], runs[True]
+    assert model.get_base_model().model.layers[0].mlp.residual_only
+    assert loss_s == loss
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+    assert fused._recomputing == 0
+
+
 def test_dropout_adapter_off_and_no_grad_take_peft_paths(tiny_model_dir):
     loss, ref, _, _ = _run(tiny_model_dir, fuse=False, autocast=False, dropout=0.3)
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from titlegen.errors import TitlegenError
+from titlegen.model import fused
 from titlegen.model.attention import register_attentions
 from titlegen.model.lora import unwrap
 from titlegen.model.offload import ActivationStore
@@ -157,7 +158,8 @@ def load_base_model(cfg: BackboneConfig, device: torch.device) -> torch.nn.Modul
         # Non-reentrant checkpointing works with frozen embeddings, so no enable_input_require_grads hack.
         # Graphs: no RNG state saved for the recomputation (reading it is not allowed inside a capture; graphs
         # refuse dropout, so there is nothing to replay).
-        recompute = {"use_reentrant": False, "preserve_rng_state": not cfg.training_graphs}
+        recompute = {"use_reentrant": False, "preserve_rng_state": not cfg.training_graphs,
+                     "context_fn": fused.recompute_contexts}  # the fused MLP may skip what a recomputation discards
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         layers = limit_checkpointing(model, cfg.checkpoint_fraction)
         if cfg.offload_activations:

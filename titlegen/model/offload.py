@@ -21,6 +21,8 @@ from functools import partial
 
 import torch
 
+from titlegen.model import fused
+
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -139,7 +141,7 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden = ctx.store.load(ctx.index, ctx.device).detach().requires_grad_(ctx.hidden_grad)
-        with _replay(ctx.device, ctx.rng, ctx.autocast):
+        with _replay(ctx.device, ctx.rng, ctx.autocast), fused.recomputing():
             out = ctx.run(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
