@@ -50,19 +50,21 @@ def check_sharding(cfg) -> None:
     them as uint8, which FSDP cannot shard with the adapter: say so before minutes of loading, not after."""
     strategy = str((cfg.get("trainer") or {}).get("strategy") or "")
     quantization = ((cfg.get("model") or {}).get("backbone") or {}).get("quantization", "nf4")
-    if "fsdp" in strategy.lower() and quantization != "none":
+    if "fsdp" in strategy.lower() and not _adapter_fsdp(strategy) and quantization != "none":
         raise TitlegenError(f"trainer.strategy {strategy} with model.backbone.quantization {quantization}: FSDP of "
-                            "4-bit weights runs through --trainer.strategy lightning.pytorch.strategies."
-                            "ModelParallelStrategy (FSDP2; README: Several GPUs), or use --trainer.strategy ddp")
+                            "4-bit weights runs through --trainer.strategy adapter_fsdp "
+                            "(FSDP2; README: Several GPUs), or use --trainer.strategy ddp")
 
 
 def check_fsdp2(cfg, subcommand: str = "fit") -> None:
     """What FSDP2 (``ModelParallelStrategy``) does not run yet, said before loading: commands other than fit
     (their ranks take different batches, while a sharded forward needs every rank), bitsandbytes optimizers (they
-    cannot step sharded weights), the step levers not tested with it, and resuming a sharded run."""
-    if "ModelParallelStrategy" not in str((cfg.get("trainer") or {}).get("strategy") or ""):
+    cannot step sharded weights), the step levers not tested with it, and resuming from Lightning's own
+    ModelParallelStrategy (titlegen's adapter_fsdp writes checkpoints that resume)."""
+    strategy = str((cfg.get("trainer") or {}).get("strategy") or "")
+    if "ModelParallelStrategy" not in strategy and not _adapter_fsdp(strategy):
         return
-    prefix = "trainer.strategy ModelParallelStrategy (FSDP2)"
+    prefix = f"trainer.strategy {'adapter_fsdp' if _adapter_fsdp(strategy) else 'ModelParallelStrategy'} (FSDP2)"
     if subcommand != "fit":
         raise TitlegenError(f"{prefix}: shards fit only; run {subcommand} on one device or with --trainer.strategy "
                             "ddp")
@@ -76,9 +78,14 @@ def check_fsdp2(cfg, subcommand: str = "fit") -> None:
                             "torch.optim.AdamW")
     if untested:
         raise TitlegenError(f"{prefix}: not tested with model.backbone.{untested[0]} yet; set it false")
-    if cfg.get("ckpt_path"):
-        raise TitlegenError(f"{prefix}: resuming a sharded run is not supported yet (ckpt_path "
-                            f"{cfg.get('ckpt_path')})")
+    if cfg.get("ckpt_path") and not _adapter_fsdp(strategy):
+        raise TitlegenError(f"{prefix}: its checkpoints cannot resume a QLoRA run (ckpt_path {cfg.get('ckpt_path')}); "
+                            "train with --trainer.strategy adapter_fsdp to resume")
+
+
+def _adapter_fsdp(strategy: str) -> bool:
+    """titlegen's FSDP2 strategy, by its registered name or its class."""
+    return strategy.lower() == "adapter_fsdp" or "AdapterFSDP" in strategy
 
 
 def check_backoff(cfg) -> None:

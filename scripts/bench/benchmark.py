@@ -89,11 +89,9 @@ VARIANTS = {
     "fast-compile-graphs": FAST + COMPILE + GRAPHS,
     # the fast path before a recomputed layer's MLP skipped the down projection whose output it discards
     "fast-offload-compile-fullrecompute": FAST + OFFLOAD + COMPILE,
-    # FSDP2 (Lightning's ModelParallelStrategy) on one GPU, against the same path unsharded: per-GPU memory, speed
+    # FSDP2 (titlegen's adapter_fsdp) on one GPU, against the same path unsharded: per-GPU memory, speed
     "fast-adamw": FAST + ADAMW,
-    "fast-fsdp2": FAST + ADAMW + ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
-                                  "--trainer.strategy.data_parallel_size", "1",
-                                  "--trainer.strategy.tensor_parallel_size", "1"],
+    "fast-fsdp2": FAST + ADAMW + ["--trainer.strategy", "adapter_fsdp"],
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],

@@ -223,10 +223,12 @@ def test_validate_reports_generation_metrics(setup):
     assert list(logged.values()) == pytest.approx([report["rougeL"]])
 
 
-def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_exports_the_whole_adapter(setup):
-    """FSDP2 (``ModelParallelStrategy``, each decoder layer and the trunk sharded over 2 gloo processes, the 4-bit
-    weights with them) logs DDP's losses and exports the adapter whole, as DDP's: same names, shapes and values.
-    Validation samples generate on every rank (they gather sharded weights). Its refusals are one line each."""
+def test_fsdp2_on_two_cpu_processes_trains_as_ddp_resumes_and_exports_the_whole_adapter(setup):
+    """FSDP2 (``--trainer.strategy adapter_fsdp``: each decoder layer and the trunk sharded over 2 gloo processes,
+    the 4-bit weights with them) logs DDP's losses and exports the adapter whole, as DDP's: same names, shapes and
+    values. Validation samples generate on every rank (they gather sharded weights). A run stopped by SIGTERM on
+    one rank resumes from its one-file adapter checkpoint with the uninterrupted run's losses, and one process
+    loads that checkpoint. Its refusals are one line each."""
     from safetensors.torch import load_file
 
     tmp, cfg = setup
@@ -236,12 +238,14 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_exports_the_whole_adapter(
     base = [sys.executable, "-m", "titlegen", "fit", "--config", str(cfg), "--config", str(adamw),
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
             "--trainer.val_check_interval", "2", "--model.lora.dropout", "0"]
-    fsdp2 = ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
-             "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]
+    fsdp2 = ["--trainer.strategy", "adapter_fsdp"]
+
+    def fit(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
     runs = {}
     for name, strategy in (("ddp", ["--trainer.strategy", "ddp"]), ("fsdp2", fsdp2)):
-        out = subprocess.run([*base, *strategy, "--trainer.default_root_dir", str(tmp / name)], capture_output=True,
-                             text=True, cwd=ROOT, timeout=600)
+        out = fit(*strategy, "--trainer.default_root_dir", str(tmp / name))
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = tmp / name / "version_0"
     expected, got = scalars(runs["ddp"], "train/loss"), scalars(runs["fsdp2"], "train/loss")
@@ -252,11 +256,29 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_exports_the_whole_adapter(
     assert ddp.keys() == sharded.keys() and len(ddp) == 2 * 7 * 2
     for key in ddp:
         torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-4, atol=1e-6, msg=key)
-    for extra, message in ((["--model.optimizer", "bitsandbytes.optim.AdamW8bit"], "cannot step sharded weights"),
-                           (["--model.backbone.training_graphs", "true", "--data.packing", "true"],
+
+    part = ["--trainer.default_root_dir", str(tmp / "part")]
+    stopped = fit(*fsdp2, *part, "--trainer.callbacks+=tests.helpers.SignalAt", "--trainer.callbacks.step=2",
+                  "--trainer.callbacks.rank=1")
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 2" in stopped.stderr, stopped.stderr[-3000:]
+    last = tmp / "part" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and last.stat().st_size < 1e6  # the adapter and its optimizer state, no base weights
+    resumed = fit(*fsdp2, *part, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for step, loss in scalars(tmp / "part" / "version_0", "train/loss").items():
+        assert loss == pytest.approx(got[step], rel=1e-5), step
+    one = run("validate", "--config", str(cfg), "--ckpt_path", str(runs["fsdp2"] / "checkpoints" / "last.ckpt"))
+    assert one == 0
+
+    model_parallel = ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+                      "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]
+    for extra, message in (([*fsdp2, "--model.optimizer", "bitsandbytes.optim.AdamW8bit"],
+                            "cannot step sharded weights"),
+                           ([*fsdp2, "--model.backbone.training_graphs", "true", "--data.packing", "true"],
                             "not tested with model.backbone.training_graphs"),
-                           (["--ckpt_path", "last"], "resuming a sharded run is not supported yet")):
-        out = subprocess.run([*base, *fsdp2, *extra], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           ([*model_parallel, "--ckpt_path", "last"], "train with --trainer.strategy adapter_fsdp"),
+                           (["--trainer.strategy", "fsdp"], "runs through --trainer.strategy adapter_fsdp")):
+        out = fit(*extra)
         assert out.returncode == 2 and message in out.stderr and out.stderr.count("titlegen: error") == 1, out.stderr
     validate = [sys.executable, "-m", "titlegen", "validate", "--config", str(cfg), *fsdp2]
     out = subprocess.run(validate, capture_output=True, text=True, cwd=ROOT, timeout=600)

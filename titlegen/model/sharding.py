@@ -5,15 +5,63 @@ dtype; bitsandbytes rebuilds each gathered weight's 4-bit state from its module 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from titlegen.errors import TitlegenError
 from titlegen.model.backbone import split_decoder
 
 
+class AdapterFSDP(ModelParallelStrategy):
+    """FSDP2 over every device (``--trainer.strategy adapter_fsdp``): Lightning's
+    ``ModelParallelStrategy`` with data parallelism only, whose checkpoints hold the adapter and its optimizer
+    state whole in one file, gathered from the shards on save and sharded again on resume. (The parent class
+    gathers every base weight to rank 0 for a one-file checkpoint, or writes a sharded folder whose loading asks
+    for every base weight.)"""
+
+    def __init__(self, data_parallel_size: int | str = "auto", **kwargs) -> None:
+        kwargs.update(tensor_parallel_size=1, save_distributed_checkpoint=False)
+        super().__init__(data_parallel_size=data_parallel_size, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # the parent's "auto" is the node count (tensor parallel inside)
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict[str, torch.Tensor]:
+        return full_adapter_state(self.lightning_module)  # a collective: every rank gathers, rank 0 writes
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise TitlegenError(f"ckpt_path {path}: a folder (a sharded checkpoint of ModelParallelStrategy); "
+                                "adapter_fsdp resumes from its own one-file checkpoints")
+        adapter = torch.load(path, map_location="cpu", weights_only=weights_only)["state_dict"]
+        check_adapter(self.lightning_module, adapter, path)
+        checkpoint = super().load_checkpoint(path, weights_only)  # loads the adapter into the shards, non-strict
+        checkpoint["state_dict"] = adapter  # for the module's own load hook, as with any other strategy
+        return checkpoint
+
+
+if "adapter_fsdp" not in StrategyRegistry:  # the name for --trainer.strategy (a class path alone reads as a name)
+    StrategyRegistry.register("adapter_fsdp", AdapterFSDP, description="FSDP2 of a QLoRA model (titlegen)")
+
+
+def check_adapter(module: torch.nn.Module, adapter: dict[str, torch.Tensor], path) -> None:
+    """The checkpoint's adapter tensors are the module's trainable weights, names and (whole) shapes."""
+    expected = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+    saved = {n: tuple(t.shape) for n, t in adapter.items()}
+    if saved != expected:
+        wrong = sorted(set(saved.items()) ^ set(expected.items()))[:1]
+        raise TitlegenError(f"ckpt_path {path}: its adapter does not match model.lora/model.backbone (first "
+                            f"difference: {wrong[0][0]} {wrong[0][1]}); resume with the config it was trained with")
+
+
 def data_parallel_mesh(trainer) -> object | None:
     """The data-parallel device mesh when the trainer's strategy is Lightning's ModelParallelStrategy, else None."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
     strategy = trainer.strategy
     if not isinstance(strategy, ModelParallelStrategy):
