@@ -1,6 +1,6 @@
-"""FSDP2 for the 4-bit model: ``--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy`` (its
-``tensor_parallel_size`` 1) shards every decoder layer and the rest of the model over the data-parallel ranks with
-PyTorch's ``fully_shard``. FSDP2 shards each parameter on its own, so the packed 4-bit weights shard in any storage
+"""FSDP2 for the 4-bit model: ``--trainer.strategy adapter_fsdp`` (or Lightning's ``ModelParallelStrategy`` with
+``tensor_parallel_size`` 1, which cannot resume) shards every decoder layer and the rest of the model over the
+data-parallel ranks with PyTorch's ``fully_shard``. FSDP2 shards each parameter on its own, so the packed 4-bit weights shard in any storage
 dtype; bitsandbytes rebuilds each gathered weight's 4-bit state from its module (tests/model/test_sharding.py)."""
 
 from __future__ import annotations
