@@ -147,6 +147,22 @@ def test_every_config_parses(config, capsys):
         assert "backbone:" in printed and "prompt:" in printed
 
 
+def test_the_70b_fsdp_config_passes_the_checks_before_loading():
+    """configs/llama3-70b-fsdp.yaml over the 8B recipe: nothing in it is refused before the model loads."""
+    import yaml
+
+    from titlegen.checks import check_settings
+
+    def merged(base: dict, over: dict) -> dict:
+        return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    cfg = merged(*(yaml.safe_load((ROOT / "configs" / f).read_text())
+                   for f in ("llama3-8b-qlora.yaml", "llama3-70b-fsdp.yaml")))
+    assert cfg["trainer"]["strategy"] == "adapter_fsdp" and cfg["model"]["optimizer"]["init_args"]["lr"] == 1e-4
+    check_settings(cfg, "fit")
+
+
 def _ddp_fit(cfg, root: Path, *extra: str) -> subprocess.CompletedProcess:
     # LoRA without dropout, recomputed and offloaded layers and the fused projections: the GPU recipe's levers.
     cmd = [sys.executable, "-m", "titlegen", "fit", "--config", str(cfg), "--trainer.accelerator", "cpu",
