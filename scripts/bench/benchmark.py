@@ -92,6 +92,8 @@ VARIANTS = {
     # FSDP2 (titlegen's adapter_fsdp) on one GPU, against the same path unsharded: per-GPU memory, speed
     "fast-adamw": FAST + ADAMW,
     "fast-fsdp2": FAST + ADAMW + ["--trainer.strategy", "adapter_fsdp"],
+    "fast-fsdp2-bf16storage": FAST + ADAMW + ["--trainer.strategy", "adapter_fsdp",
+                                              "--model.backbone.quant_storage", "bfloat16"],
     "recipe-liger": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false"] + LIGER,
     "recipe-nogc": PACKED + ["--data.batch_size", "8", "--data.max_length", "2048", "--data.group_by_length", "false",
                              "--model.backbone.gradient_checkpointing", "false"],
