@@ -21,7 +21,8 @@ import contextlib
 import types
 
 import torch
-import torch.nn.functional as F
+
+from titlegen.model.elementwise import elementwise, silu_mul, silu_mul_grad
 
 
 def _dense(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +138,7 @@ class _SwiGLU(torch.autograd.Function):
         y = x2.new_empty(x2.shape[0], lo[5].shape[0])
         had = x2.new_empty(x2.shape[0], lo[4].shape[0])
         for rows in _chunks(x2.shape[0]):
-            h = F.silu(e[rows]) * u[rows]
+            h = elementwise(silu_mul, e[rows], u[rows])
             torch.mm(h, lo[4].t(), out=had[rows])
             if w_down is not None:
                 torch.mm(h, w_down.t(), out=y[rows]).addmm_(had[rows], lo[5].t(), alpha=scales[2])
@@ -163,15 +164,12 @@ def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, bases, s
     (ag, bg, au, bu, ad, bd), (sg, su, sd) = lo, scales
     gate, up, down = bases
     e, u, dy, x = e[rows], u[rows], dy[rows], x2[rows]
-    sig = torch.sigmoid(e)
-    act = e * sig
     dyb = dy @ bd
-    grads[4].add_(dyb.t() @ (act * u), alpha=sd)  # dA of down: its input was silu(e) * u
+    grads[4].add_(dyb.t() @ elementwise(silu_mul, e, u), alpha=sd)  # dA of down: its input was silu(e) * u
     grads[5].add_(dy.t() @ had[rows], alpha=sd)
     dh = torch.addmm(dy @ _dense(down, dy.dtype), dyb, ad, alpha=sd)
-    du = act.mul_(dh)  # d/du (silu(e) u) = silu(e)
-    de = torch.sub(1, sig).mul_(e).add_(1).mul_(sig).mul_(u).mul_(dh)  # silu'(e) = sig (1 + e (1 - sig))
-    del dh, sig
+    de, du = elementwise(silu_mul_grad, e, u, dh)
+    del dh
     deb, dub = de @ bg, du @ bu
     out = torch.mm(de, _dense(gate, de.dtype), out=dx[rows])
     out.addmm_(du, _dense(up, du.dtype)).addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)

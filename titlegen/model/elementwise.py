@@ -1,0 +1,32 @@
+"""The SwiGLU MLP's elementwise parts, ``silu(e) * u`` and its gradients, for the fused MLP (fused.py). On a GPU
+each is one compiled kernel: one pass over the (tokens x intermediate) tensors instead of up to ten eager ones,
+bandwidth-bound work of about 1 ms per Llama-3-8B layer at 8,192 tokens. Eager on a CPU, where compiling is slow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_mul(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(e) * u
+
+
+def silu_mul_grad(e: torch.Tensor, u: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/de, d/du) of silu(e) * u for the output gradient ``dh``; silu'(e) = sig (1 + e (1 - sig))."""
+    sig = torch.sigmoid(e)
+    return sig * (1 + e * (1 - sig)) * u * dh, e * sig * dh
+
+
+FUSE_ELEMENTWISE = True
+_compiled: dict = {}
+
+
+def elementwise(fn, *tensors: torch.Tensor):
+    """``fn(*tensors)``, compiled into one kernel when the tensors are on a GPU."""
+    if not (FUSE_ELEMENTWISE and tensors[0].is_cuda):
+        return fn(*tensors)
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn](*tensors)
