@@ -94,7 +94,11 @@ def test_the_trap_exists_without_the_workaround(tiny_model_dir):
     assert any(not torch.allclose(after[k], before[k]) for k in before)
 
 
-def test_fast_loss_equals_reference_loss_and_gradients(tiny_model_dir):
+@pytest.mark.parametrize("fused_head", [True, False], ids=["frozen-head-loss", "checkpointed-chunks"])
+def test_fast_loss_equals_reference_loss_and_gradients(tiny_model_dir, monkeypatch, fused_head):
+    from titlegen.model import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "FUSED_HEAD", fused_head)
     model = _model(tiny_model_dir)
     batch = _batch(model.config.vocab_size)
     ref_grads = _lora_grads(model, batch)
@@ -104,6 +108,7 @@ def test_fast_loss_equals_reference_loss_and_gradients(tiny_model_dir):
     dec = bb.split_decoder(model)
     hidden = dec.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     loss, n = response_loss(hidden, dec.head, batch["labels"], chunk_tokens=3)  # several chunks
+    assert ("FrozenHeadLoss" in loss.grad_fn.name()) == fused_head
     (loss / n).backward()
     assert int(n) == int(ref_n) == 7 + 4  # response positions 5-11 and 5-8
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
