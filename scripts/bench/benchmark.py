@@ -87,8 +87,11 @@ VARIANTS = {
     "fast-offload-graphs": FAST + OFFLOAD + GRAPHS,
     "fast-offload-compile-graphs": FAST + OFFLOAD + COMPILE + GRAPHS,
     "fast-compile-graphs": FAST + COMPILE + GRAPHS,
-    # the fast path before a recomputed layer's MLP skipped the down projection whose output it discards
+    # the fast path without one lever of 2026-12-03 (sixth session), see PATCHES
     "fast-offload-compile-fullrecompute": FAST + OFFLOAD + COMPILE,
+    "fast-offload-compile-eagerelementwise": FAST + OFFLOAD + COMPILE,
+    "fast-offload-compile-ckptloss": FAST + OFFLOAD + COMPILE,
+    "fast-offload-compile-before": FAST + OFFLOAD + COMPILE,  # all three: the fast path of 2026-12-03
     # FSDP2 (titlegen's adapter_fsdp) on one GPU, against the same path unsharded: per-GPU memory, speed
     "fast-adamw": FAST + ADAMW,
     "fast-fsdp2": FAST + ADAMW + ["--trainer.strategy", "adapter_fsdp"],
@@ -115,8 +118,14 @@ for _name, _flags in VARIANTS.items():
         VARIANTS[_name] = ["--model.backbone.training_graphs", "false", *_flags]  # a new list: some share one
 
 
-# variant -> (module, name, value) set for that variant's run only
-PATCHES = {"fast-offload-compile-fullrecompute": ("titlegen.model.fused", "RESIDUAL_ONLY_MLP", ())}
+# variant -> [(module, name, value)] set for that variant's run only: the fast path without one of its levers
+NO_SKIP = ("titlegen.model.fused", "RESIDUAL_ONLY_MLP", ())  # recomputed MLPs make their discarded output
+NO_FUSED_ELEMENTWISE = ("titlegen.model.elementwise", "FUSE_ELEMENTWISE", False)  # eager SwiGLU elementwise
+NO_FROZEN_HEAD_LOSS = ("titlegen.model.loss", "FUSED_HEAD", False)  # checkpointed loss chunks
+PATCHES = {"fast-offload-compile-fullrecompute": [NO_SKIP],
+           "fast-offload-compile-eagerelementwise": [NO_FUSED_ELEMENTWISE],
+           "fast-offload-compile-ckptloss": [NO_FROZEN_HEAD_LOSS],
+           "fast-offload-compile-before": [NO_SKIP, NO_FUSED_ELEMENTWISE, NO_FROZEN_HEAD_LOSS]}
 
 
 def make_checkpoint(shape: str, path: Path) -> Path:
@@ -193,13 +202,15 @@ def run_variant(name: str, args, ckpt: Path, data: Path, mean_len: float, tmp: P
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    module, attr, value = PATCHES.get(name, ("titlegen", "__doc__", None))
-    saved = getattr(importlib.import_module(module), attr)
-    setattr(importlib.import_module(module), attr, value if name in PATCHES else saved)
+    patches = [(importlib.import_module(m), attr, value) for m, attr, value in PATCHES.get(name, [])]
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
+    for module, attr, value in patches:
+        setattr(module, attr, value)
     try:
         main(["fit", "--config", args.base_config, "--config", str(cfg), *flags, *args.extra])
     finally:
-        setattr(importlib.import_module(module), attr, saved)
+        for module, attr, value in saved:
+            setattr(module, attr, value)
     result = json.loads((tmp / "result.json").read_text())
     return {"name": f"titlegen-{name}-{args.shape}", **result, "wall_s": round(time.time() - t0, 1),
             **({"flags": " ".join(args.extra)} if args.extra else {})}
