@@ -25,7 +25,9 @@ _compiled: dict = {}
 
 def elementwise(fn, *tensors: torch.Tensor):
     """``fn(*tensors)``, compiled into one kernel when the tensors are on a GPU."""
-    if not (FUSE_ELEMENTWISE and tensors[0].is_cuda):
+    # Training only (gradients on): predict's decoding is recorded as CUDA graphs, and a capture must not compile.
+    fast = FUSE_ELEMENTWISE and tensors[0].is_cuda and torch.is_grad_enabled()
+    if not fast or (fn not in _compiled and torch.cuda.is_current_stream_capturing()):
         return fn(*tensors)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
