@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from titlegen.data.prompts import PromptTemplate
@@ -78,9 +79,17 @@ def check_fsdp2(cfg, subcommand: str = "fit") -> None:
                             "torch.optim.AdamW")
     if untested:
         raise TitlegenError(f"{prefix}: not tested with model.backbone.{untested[0]} yet; set it false")
+    if backbone.get("quant_storage", "uint8") == "uint8" and _torch_version() < (2, 13):
+        raise TitlegenError(f"{prefix}: torch {torch.__version__} cannot shard 4-bit weights stored as uint8 "
+                            "(pytorch#177844; torch 2.13 can); set --model.backbone.quant_storage bfloat16")
     if cfg.get("ckpt_path") and not _adapter_fsdp(strategy):
         raise TitlegenError(f"{prefix}: its checkpoints cannot resume a QLoRA run (ckpt_path {cfg.get('ckpt_path')}); "
                             "train with --trainer.strategy adapter_fsdp to resume")
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _adapter_fsdp(strategy: str) -> bool:

@@ -32,3 +32,37 @@ def test_nf4_weights_shard_under_fsdp2_with_the_unsharded_loss_and_gradients(tin
     assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-6)
     assert result["worst_grad_diff"] < 1e-6
     assert result["packed_full"] > 0 and result["packed_local"] * 2 == result["packed_full"]
+
+
+def test_uint8_storage_on_a_torch_that_cannot_shard_it_is_refused_before_loading(monkeypatch):
+    """torch before 2.13 makes every sharded parameter require gradients, which a uint8 tensor cannot
+    (pytorch#177844; seen on the lent GPU's torch 2.11): one line asking for bfloat16 storage, before loading."""
+    from titlegen import checks
+    from titlegen.errors import TitlegenError
+
+    cfg = {"trainer": {"strategy": "adapter_fsdp"}, "model": {"optimizer": "torch.optim.AdamW", "backbone": {}}}
+    monkeypatch.setattr(checks, "_torch_version", lambda: (2, 11))
+    with pytest.raises(TitlegenError, match="set --model.backbone.quant_storage bfloat16"):
+        checks.check_fsdp2(cfg)
+    cfg["model"]["backbone"]["quant_storage"] = "bfloat16"
+    checks.check_fsdp2(cfg)
+    monkeypatch.setattr(checks, "_torch_version", lambda: (2, 13))
+    checks.check_fsdp2({**cfg, "model": {**cfg["model"], "backbone": {}}})
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_four_bit_weights_count_as_their_values_in_any_storage(tiny_model_dir, storage):
+    import torch
+
+    from titlegen.model import backbone as bb
+
+    cfg = bb.BackboneConfig(name_or_path=str(tiny_model_dir), quant_storage=storage, gradient_checkpointing=False)
+    model = bb.load_base_model(cfg, torch.device("cpu"))
+    trainable, total = bb.count_parameters(model)
+    assert total == sum(v.numel() for v in _dense_weights(tiny_model_dir).values()) > trainable
+
+
+def _dense_weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")

@@ -211,10 +211,13 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as the number of values they store."""
+    """(trainable, total) parameter counts; 4-bit weights count as the number of values they store (in any
+    storage dtype, sharded or not)."""
+    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules()
+              if type(m).__name__ == "Linear4bit"}
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        n = packed.get(id(p), p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
