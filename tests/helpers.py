@@ -201,14 +201,16 @@ class SignalAt(L.Callback):
 
 
 class PoisonStep(L.Callback):
-    """Makes the loss of ``steps`` optimizer steps from ``step`` on NaN (the output head returns NaN for them)."""
+    """Makes the loss of ``steps`` optimizer steps from ``step`` on NaN (the trunk's final norm returns NaN for
+    them; the loss reads the frozen head's weight directly, so a hook on the head would not run)."""
 
     def __init__(self, step: int = 2, steps: int = 1) -> None:
         self.step, self.steps, self._hook = step, steps, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.step <= trainer.global_step < self.step + self.steps:
-            self._hook = pl_module._decoder.head.register_forward_hook(lambda m, args, out: out * float("nan"))
+            norm = pl_module._decoder.trunk.norm
+            self._hook = norm.register_forward_hook(lambda m, args, out: out * float("nan"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._hook is not None:

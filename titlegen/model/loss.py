@@ -1,8 +1,9 @@
 """Next-token cross-entropy on response tokens only, without full-vocabulary logits for the whole batch.
 
-The output head runs only at positions whose next token is a response token, in chunks whose logits are
-recomputed in the backward pass instead of stored: with a 128k vocabulary, 8k tokens of float32 logits would
-take 4 GiB, a 2k-token chunk 1 GiB once.
+The output head runs only at positions whose next token is a response token, in chunks whose logits are never
+all stored: with a 128k vocabulary, 8k tokens of float32 logits would take 4 GiB, a 2k-token chunk 1 GiB once. A
+frozen head (the usual case) makes its input's gradient in the forward pass, chunk by chunk; any other head's
+chunks are recomputed in the backward pass (checkpointing).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """FSDP2 for the 4-bit model: ``--trainer.strategy adapter_fsdp`` (or Lightning's ``ModelParallelStrategy`` with
 ``tensor_parallel_size`` 1, which cannot resume) shards every decoder layer and the rest of the model over the
-data-parallel ranks with PyTorch's ``fully_shard``. FSDP2 shards each parameter on its own, so the packed 4-bit weights shard in any storage
-dtype; bitsandbytes rebuilds each gathered weight's 4-bit state from its module (tests/model/test_sharding.py)."""
+data-parallel ranks with PyTorch's ``fully_shard``. FSDP2 shards each parameter on its own, so the packed 4-bit
+weights shard in any storage dtype (torch 2.13; before it, not uint8: pytorch#177844); bitsandbytes rebuilds each
+gathered weight's 4-bit state from its module (tests/model/test_sharding.py)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,6 @@ def check_adapter(module: torch.nn.Module, adapter: dict[str, torch.Tensor], pat
 
 def data_parallel_mesh(trainer) -> object | None:
     """The data-parallel device mesh when the trainer's strategy is Lightning's ModelParallelStrategy, else None."""
-    from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
-
     strategy = trainer.strategy
     if not isinstance(strategy, ModelParallelStrategy):
         return None
