@@ -92,6 +92,9 @@ VARIANTS = {
     "fast-offload-compile-eagerelementwise": FAST + OFFLOAD + COMPILE,
     "fast-offload-compile-ckptloss": FAST + OFFLOAD + COMPILE,
     "fast-offload-compile-before": FAST + OFFLOAD + COMPILE,  # all three: the fast path of 2026-12-03
+    # the fused MLP's temporaries made 4,096 or 8,192 tokens at a time instead of 2,048 (fewer launches, more memory)
+    "fast-offload-compile-chunk4k": FAST + OFFLOAD + COMPILE,
+    "fast-offload-compile-chunk8k": FAST + OFFLOAD + COMPILE,
     # FSDP2 (titlegen's adapter_fsdp) on one GPU, against the same path unsharded: per-GPU memory, speed
     "fast-adamw": FAST + ADAMW,
     "fast-fsdp2": FAST + ADAMW + ["--trainer.strategy", "adapter_fsdp"],
@@ -125,7 +128,9 @@ NO_FROZEN_HEAD_LOSS = ("titlegen.model.loss", "FUSED_HEAD", False)  # checkpoint
 PATCHES = {"fast-offload-compile-fullrecompute": [NO_SKIP],
            "fast-offload-compile-eagerelementwise": [NO_FUSED_ELEMENTWISE],
            "fast-offload-compile-ckptloss": [NO_FROZEN_HEAD_LOSS],
-           "fast-offload-compile-before": [NO_SKIP, NO_FUSED_ELEMENTWISE, NO_FROZEN_HEAD_LOSS]}
+           "fast-offload-compile-before": [NO_SKIP, NO_FUSED_ELEMENTWISE, NO_FROZEN_HEAD_LOSS],
+           "fast-offload-compile-chunk4k": [("titlegen.model.fused", "CHUNK_ROWS", 4096)],
+           "fast-offload-compile-chunk8k": [("titlegen.model.fused", "CHUNK_ROWS", 8192)]}
 
 
 def make_checkpoint(shape: str, path: Path) -> Path:

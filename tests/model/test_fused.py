@@ -39,6 +39,27 @@ def test_fused_with_checkpointing_and_offload(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=2e-5 * ref[name].abs().max().item())
 
 
+def test_chunked_mlp_backward_dequantizes_each_weight_once(tiny_model_dir, monkeypatch):
+    """In 7 chunks the MLP's backward still dequantizes each base weight once per layer (gate's and up's
+    gradients run over every token at once, over the gradients written into the saved gate and up outputs),
+    and gives the one-chunk gradients."""
+    _, one_chunk, _, _ = _run(tiny_model_dir, fuse=True, autocast=False, gradient_checkpointing=False)
+    dense, calls = fused._dense, {}
+
+    def counting(base, dtype):
+        calls[id(base)] = calls.get(id(base), 0) + 1
+        return dense(base, dtype)
+
+    monkeypatch.setattr(fused, "_dense", counting)
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 7)  # 48 tokens: 7 chunks, the last one short
+    _, got, _, model = _run(tiny_model_dir, fuse=True, autocast=False, gradient_checkpointing=False)
+    mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+    bases = [getattr(mlp, n).base_layer for mlp in mlps for n in ("gate_proj", "up_proj", "down_proj")]
+    assert [calls[id(b)] for b in bases] == [2] * len(bases)  # the forward and the backward
+    for name in one_chunk:
+        torch.testing.assert_close(got[name], one_chunk[name], rtol=1e-5, atol=1e-6 * one_chunk[name].abs().max())
+
+
 @pytest.mark.parametrize("offload", [False, True], ids=["checkpointing", "offload"])
 def test_recomputed_mlp_skips_its_discarded_down_projection(tiny_model_dir, monkeypatch, offload):
     """A recomputed Llama layer's output is discarded, so its fused MLP leaves out the down projection's base
@@ -125,3 +146,13 @@ def test_fused_paths_compute_in_the_autocast_dtype(tiny_model_dir):
     assert "_Linear" in attn.grad_fn.name() and "_SwiGLU" in mlp.grad_fn.name()
     assert attn.dtype == mlp.dtype == torch.bfloat16
     assert layer.mlp(x).dtype == torch.float32  # without autocast: the model's dtype
+
+
+def test_compile_layers_leaves_out_the_fused_mlps(tiny_model_dir):
+    """The fused MLP runs outside compiled graphs, so compile_layers compiles the attention and norms only;
+    with dropout (PEFT's path in training) the MLPs are compiled too."""
+    from titlegen.model.levers import compile_layers
+
+    for dropout, per_layer in ((0.0, 3), (0.3, 4)):  # attention, two norms (, MLP)
+        _, _, model, _ = lora_grads(tiny_model_dir, fuse=True, dropout=dropout)
+        assert compile_layers(model) == 2 * per_layer, dropout

@@ -22,7 +22,7 @@ import types
 
 import torch
 
-from titlegen.model.elementwise import elementwise, silu_mul, silu_mul_grad
+from titlegen.model.elementwise import elementwise, silu_mul, silu_mul_backward_
 
 
 def _dense(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -65,7 +65,8 @@ def recompute_contexts() -> tuple:
 def _project(x2: torch.Tensor, base, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple:
     """(x W^T + s (x A^T) B^T, x A^T) for 2-D ``x2``."""
     xa = x2 @ a.t()
-    return torch.addmm(x2 @ _dense(base, x2.dtype).t(), xa, b.t(), alpha=scale), xa
+    # in place: ``torch.addmm(c, ...)`` would first copy ``c`` into a new tensor (one more pass and temporary)
+    return (x2 @ _dense(base, x2.dtype).t()).addmm_(xa, b.t(), alpha=scale), xa
 
 
 def _project_grad(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, base, a, b, scale: float,
@@ -73,7 +74,7 @@ def _project_grad(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, base, a,
     """(dx, dA, dB) of :func:`_project` for the output gradient ``dy`` (2-D); dA and dB in ``grad_dtype`` (the
     adapter's), the scaling and the cast in one kernel each."""
     dyb = dy @ b
-    dx = torch.addmm(dy @ _dense(base, dy.dtype), dyb, a, alpha=scale)
+    dx = (dy @ _dense(base, dy.dtype)).addmm_(dyb, a, alpha=scale)
     da = torch.mul(dyb.t() @ x2, scale, out=a.new_empty(a.shape, dtype=grad_dtype))
     db = torch.mul(dy.t() @ xa, scale, out=b.new_empty(b.shape, dtype=grad_dtype))
     return dx, da, db
@@ -150,33 +151,33 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         x2, e, u, xag, xau, had, *lo = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        grads = [torch.zeros_like(t, dtype=torch.float32) for t in lo]
-        dx = torch.empty_like(x2)
-        for rows in _chunks(x2.shape[0]):
-            _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, ctx.bases, ctx.scales)
-        return (dx.view(ctx.shape), *(g.to(ctx.grad_dtype) for g in grads), None, None, None)
+        (ag, bg, au, bu, ad, bd), (sg, su, sd), (gate, up, down) = lo, ctx.scales, ctx.bases
+        da_d, db_d = _down_grad_rows(dy, e, u, had, down, ad, bd, sd)
+        de, du = e, u  # overwritten with the gradients of gate(x) and up(x) now
+        deb, dub = de @ bg, du @ bu
+        # gate's and up's weights dequantized one after the other, each used once for all tokens
+        dx = (de @ _dense(gate, de.dtype)).addmm_(du, _dense(up, du.dtype))
+        dx.addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
+        grads = [(deb.t() @ x2, sg), (de.t() @ xag, sg), (dub.t() @ x2, su), (du.t() @ xau, su)]
+        grads = [torch.mul(g, s, out=g.new_empty(g.shape, dtype=ctx.grad_dtype)) for g, s in grads]
+        return dx.view(ctx.shape), *grads, da_d.to(ctx.grad_dtype), db_d.to(ctx.grad_dtype), None, None, None
 
 
-def _swiglu_grad_rows(rows, dx, grads, dy, x2, e, u, xag, xau, had, lo, bases, scales) -> None:
-    """The MLP's backward for one chunk of tokens: writes ``dx[rows]``, adds to the adapter ``grads``. Each base
-    weight is dequantized where it is used, so one (intermediate x hidden) weight is alive at a time, not three
-    (0.22 GiB less at the peak on Llama-3-8B; a few more dequantizations when there are several chunks)."""
-    (ag, bg, au, bu, ad, bd), (sg, su, sd) = lo, scales
-    gate, up, down = bases
-    e, u, dy, x = e[rows], u[rows], dy[rows], x2[rows]
-    dyb = dy @ bd
-    grads[4].add_(dyb.t() @ elementwise(silu_mul, e, u), alpha=sd)  # dA of down: its input was silu(e) * u
-    grads[5].add_(dy.t() @ had[rows], alpha=sd)
-    dh = torch.addmm(dy @ _dense(down, dy.dtype), dyb, ad, alpha=sd)
-    de, du = elementwise(silu_mul_grad, e, u, dh)
-    del dh
-    deb, dub = de @ bg, du @ bu
-    out = torch.mm(de, _dense(gate, de.dtype), out=dx[rows])
-    out.addmm_(du, _dense(up, du.dtype)).addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
-    grads[0].add_(deb.t() @ x, alpha=sg)
-    grads[1].add_(de.t() @ xag[rows], alpha=sg)
-    grads[2].add_(dub.t() @ x, alpha=su)
-    grads[3].add_(du.t() @ xau[rows], alpha=su)
+def _down_grad_rows(dy, e, u, had, down, ad, bd, sd) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down projection's adapter gradients (fp32), made a chunk of tokens at a time with its base weight
+    dequantized once; each chunk's gradients of ``silu(e) * u`` are written over ``e`` and ``u``, which the
+    backward reads no more: two fewer (tokens x intermediate) tensors than new ones, and the gate and up
+    projections' gradients then run once over every token (three dequantizations per layer, not three per
+    chunk)."""
+    w_down = _dense(down, dy.dtype)
+    da, db = torch.zeros_like(ad, dtype=torch.float32), torch.zeros_like(bd, dtype=torch.float32)
+    for rows in _chunks(dy.shape[0]):
+        dyb = dy[rows] @ bd
+        db.add_(dy[rows].t() @ had[rows], alpha=sd)
+        dh = (dy[rows] @ w_down).addmm_(dyb, ad, alpha=sd)
+        h = elementwise(silu_mul_backward_, e[rows], u[rows], dh)  # silu(e) * u: the down projection's input
+        da.add_(dyb.t() @ h, alpha=sd)
+    return da, db
 
 
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -220,6 +221,7 @@ def install(model: torch.nn.Module, training: bool = True, inference: bool = Fal
         names = ("gate_proj", "up_proj", "down_proj")
         if all(hasattr(getattr(module, n, None), "lora_A") for n in names) and _is_silu(module):
             module.forward = types.MethodType(_fused_forward(swiglu_mlp, module.forward, training, inference), module)
+            module.fused_training = training
             inside_mlp.update(id(getattr(module, n)) for n in names)
             changed += 1
     for module in model.modules():

@@ -28,8 +28,12 @@ def prepare_training(model: torch.nn.Module, cfg: BackboneConfig, fit: bool) -> 
 
 def compile_layers(model: torch.nn.Module) -> int:
     """Compile the parts of every decoder layer (one compiled graph shared by all layers; token counts vary, so
-    shapes are dynamic). Checkpointing stays outside, around the whole layer. Returns the parts compiled."""
-    parts = [child for layer in split_decoder(model).trunk.layers for child in layer.children()]
+    shapes are dynamic). Checkpointing stays outside, around the whole layer. A fused MLP in training is left out:
+    it runs outside compiled graphs anyway, and a compiled region around it would only add a guard check and a
+    graph break to every call. Returns the parts compiled."""
+    fused_mlps = not fused.with_dropout(model)  # with dropout the MLP trains on PEFT's path, which compiling fuses
+    parts = [child for layer in split_decoder(model).trunk.layers for child in layer.children()
+             if not (fused_mlps and getattr(child, "fused_training", False))]
     for part in parts:
         part.compile(dynamic=True)
     return len(parts)
