@@ -156,3 +156,25 @@ def test_compile_layers_leaves_out_the_fused_mlps(tiny_model_dir):
     for dropout, per_layer in ((0.0, 3), (0.3, 4)):  # attention, two norms (, MLP)
         _, _, model, _ = lora_grads(tiny_model_dir, fuse=True, dropout=dropout)
         assert compile_layers(model) == 2 * per_layer, dropout
+
+
+def test_elementwise_parts_are_marked_training_in_the_step_and_its_backward(tiny_model_dir, monkeypatch):
+    """The MLP's elementwise parts are compiled (on a GPU) in a training step: its forward, also one without
+    gradients (the offload's), and its backward, where autograd turns gradients off; not in eval mode (predict,
+    whose decoding graphs must not compile)."""
+    seen, real = [], fused.elementwise
+
+    def recording(fn, *tensors, training):
+        seen.append((fn.__name__, training, torch.is_grad_enabled()))
+        return real(fn, *tensors, training=training)
+
+    monkeypatch.setattr(fused, "elementwise", recording)
+    _, _, _, model = _run(tiny_model_dir, fuse=True, autocast=False, offload_activations=True)
+    assert {s[:2] for s in seen} == {("silu_mul", True), ("silu_mul_backward_", True)}
+    assert ("silu_mul", True, False) in seen and ("silu_mul_backward_", True, False) in seen  # gradients off there
+    seen.clear()
+    fused.install(model, training=False, inference=True)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 20)[None])
+    assert seen and {s[:2] for s in seen} == {("silu_mul", False)}

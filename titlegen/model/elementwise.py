@@ -30,10 +30,11 @@ FUSE_ELEMENTWISE = True
 _compiled: dict = {}
 
 
-def elementwise(fn, *tensors: torch.Tensor):
-    """``fn(*tensors)``, compiled into one kernel when the tensors are on a GPU."""
-    # Training only (gradients on): predict's decoding is recorded as CUDA graphs, and a capture must not compile.
-    fast = FUSE_ELEMENTWISE and tensors[0].is_cuda and torch.is_grad_enabled()
+def elementwise(fn, *tensors: torch.Tensor, training: bool):
+    """``fn(*tensors)``, compiled into one kernel when the tensors are on a GPU and ``training`` (a training
+    step's forward, also one without gradients such as the offload's, or its backward, where gradients are off)."""
+    # Training only: predict's decoding is recorded as CUDA graphs, and a capture must not compile.
+    fast = FUSE_ELEMENTWISE and tensors[0].is_cuda and training
     if not fast or (fn not in _compiled and torch.cuda.is_current_stream_capturing()):
         return fn(*tensors)
     if fn not in _compiled:

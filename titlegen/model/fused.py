@@ -129,8 +129,9 @@ class _SwiGLU(torch.autograd.Function):
     the (tokens x intermediate) temporaries of the product and its gradients a chunk of tokens at a time."""
 
     @staticmethod
-    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, unread: bool):
-        """``unread``: the output is never read (a recomputation), so it is left unwritten."""
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, unread: bool, training: bool):
+        """``unread``: the output is never read (a recomputation), so it is left unwritten. ``training``: the
+        module is in training mode (its elementwise part compiled on a GPU)."""
         x2 = x.reshape(-1, x.shape[-1])
         lo = [t.to(x.dtype) for t in (ag, bg, au, bu, ad, bd)]
         e, xag = _project(x2, bases[0], lo[0], lo[1], scales[0])
@@ -139,7 +140,7 @@ class _SwiGLU(torch.autograd.Function):
         y = x2.new_empty(x2.shape[0], lo[5].shape[0])
         had = x2.new_empty(x2.shape[0], lo[4].shape[0])
         for rows in _chunks(x2.shape[0]):
-            h = elementwise(silu_mul, e[rows], u[rows])
+            h = elementwise(silu_mul, e[rows], u[rows], training=training)
             torch.mm(h, lo[4].t(), out=had[rows])
             if w_down is not None:
                 torch.mm(h, w_down.t(), out=y[rows]).addmm_(had[rows], lo[5].t(), alpha=scales[2])
@@ -160,7 +161,7 @@ class _SwiGLU(torch.autograd.Function):
         dx.addmm_(deb, ag, alpha=sg).addmm_(dub, au, alpha=su)
         grads = [(deb.t() @ x2, sg), (de.t() @ xag, sg), (dub.t() @ x2, su), (du.t() @ xau, su)]
         grads = [torch.mul(g, s, out=g.new_empty(g.shape, dtype=ctx.grad_dtype)) for g, s in grads]
-        return dx.view(ctx.shape), *grads, da_d.to(ctx.grad_dtype), db_d.to(ctx.grad_dtype), None, None, None
+        return dx.view(ctx.shape), *grads, da_d.to(ctx.grad_dtype), db_d.to(ctx.grad_dtype), None, None, None, None
 
 
 def _down_grad_rows(dy, e, u, had, down, ad, bd, sd) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,15 +170,13 @@ def _down_grad_rows(dy, e, u, had, down, ad, bd, sd) -> tuple[torch.Tensor, torc
     backward reads no more: two fewer (tokens x intermediate) tensors than new ones, and the gate and up
     projections' gradients then run once over every token (three dequantizations per layer, not three per
     chunk)."""
-    w_down = _dense(down, dy.dtype)
-    da, db = torch.zeros_like(ad, dtype=torch.float32), torch.zeros_like(bd, dtype=torch.float32)
+    w_down, dyb = _dense(down, dy.dtype), dy @ bd
+    da = torch.zeros_like(ad, dtype=torch.float32)
     for rows in _chunks(dy.shape[0]):
-        dyb = dy[rows] @ bd
-        db.add_(dy[rows].t() @ had[rows], alpha=sd)
-        dh = (dy[rows] @ w_down).addmm_(dyb, ad, alpha=sd)
-        h = elementwise(silu_mul_backward_, e[rows], u[rows], dh)  # silu(e) * u: the down projection's input
-        da.add_(dyb.t() @ h, alpha=sd)
-    return da, db
+        dh = (dy[rows] @ w_down).addmm_(dyb[rows], ad, alpha=sd)
+        h = elementwise(silu_mul_backward_, e[rows], u[rows], dh, training=True)  # silu(e) * u: down's input
+        da.add_(dyb[rows].t() @ h, alpha=sd)
+    return da, torch.mul(dy.t() @ had, sd, out=bd.new_empty(bd.shape, dtype=torch.float32))
 
 
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -202,7 +201,7 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
     dtype = _compute_dtype(x)
     unread = _recomputing > 0 and getattr(mlp, "residual_only", False)
     with torch.autocast(x.device.type, enabled=False):
-        return _SwiGLU.apply(x.to(dtype), ag, bg, au, bu, ad, bd, bases, (sg, su, sd), unread)
+        return _SwiGLU.apply(x.to(dtype), ag, bg, au, bu, ad, bd, bases, (sg, su, sd), unread, mlp.training)
 
 
 def _fused_forward(fused, original, training: bool, inference: bool):
