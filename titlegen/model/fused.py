@@ -166,10 +166,9 @@ class _SwiGLU(torch.autograd.Function):
 
 def _down_grad_rows(dy, e, u, had, down, ad, bd, sd) -> tuple[torch.Tensor, torch.Tensor]:
     """The down projection's adapter gradients (fp32), made a chunk of tokens at a time with its base weight
-    dequantized once; each chunk's gradients of ``silu(e) * u`` are written over ``e`` and ``u``, which the
-    backward reads no more: two fewer (tokens x intermediate) tensors than new ones, and the gate and up
-    projections' gradients then run once over every token (three dequantizations per layer, not three per
-    chunk)."""
+    dequantized once. Each chunk's gradients of ``silu(e) * u`` are written over ``e`` and ``u``, which the
+    backward reads no more: no new (tokens x intermediate) tensors for them, and the gate and up projections'
+    gradients then run once over every token (three dequantizations per layer, not three per chunk)."""
     w_down, dyb = _dense(down, dy.dtype), dy @ bd
     da = torch.zeros_like(ad, dtype=torch.float32)
     for rows in _chunks(dy.shape[0]):
