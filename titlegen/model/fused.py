@@ -95,7 +95,8 @@ def _adapter(layer) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with ``x`` runs in: autocast's when it is on, else ``x``'s own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -184,7 +185,7 @@ def lora_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
     if adapter is None:
         return None
     a, b, scale = adapter
-    dtype = _compute_dtype(x)  # before autocast is switched off below, which would make it x's own dtype
+    dtype = compute_dtype(x)  # before autocast is switched off below, which would make it x's own dtype
     with torch.autocast(x.device.type, enabled=False):
         return _Linear.apply(x.to(dtype), a, b, layer.base_layer, scale)
 
@@ -197,7 +198,7 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
         return None
     (ag, bg, sg), (au, bu, su), (ad, bd, sd) = adapters
     bases = (mlp.gate_proj.base_layer, mlp.up_proj.base_layer, mlp.down_proj.base_layer)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     unread = _recomputing > 0 and getattr(mlp, "residual_only", False)
     with torch.autocast(x.device.type, enabled=False):
         return _SwiGLU.apply(x.to(dtype), ag, bg, au, bu, ad, bd, bases, (sg, su, sd), unread, mlp.training)

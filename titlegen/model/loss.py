@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from titlegen.data.encoding import IGNORE_INDEX
+from titlegen.model.fused import compute_dtype
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -66,8 +67,7 @@ def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     if selected.shape[0] == 0:
         return hidden.sum() * 0.0, count  # keeps the graph connected so DDP/backward do not fail
     if torch.is_grad_enabled() and selected.requires_grad and _frozen_linear(head):
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-            else head.weight.dtype
+        dtype = compute_dtype(head.weight)  # before autocast is switched off below
         with torch.autocast(hidden.device.type, enabled=False):
             return _FrozenHeadLoss.apply(selected, head.weight, targets, chunk_tokens, dtype), count
     total = hidden.new_zeros((), dtype=torch.float32)
