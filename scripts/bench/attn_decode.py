@@ -1,7 +1,8 @@
 """Decode-attention kernels at the predict benchmark's shapes: one new token per row, grouped-query heads laid out
 as query positions, left-padded rows (a boolean mask, passed as a strided view as the decoding loop does). Prints,
-per shape, ms per call of titlegen's Triton kernel and of each SDPA backend, and each one's largest error against
-an fp32 reference. GPU only: python scripts/bench/attn_decode.py"""
+per shape ("static": the CUDA-graph layout at step 32 of 64, prompts of 50-89 tokens), ms per call of titlegen's
+Triton kernel and of each SDPA backend, and each one's largest error against an fp32 reference.
+GPU only: python scripts/bench/attn_decode.py"""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -39,6 +40,16 @@ def inputs(rows: int, length: int):
     return q, k, v, full[:, None, None, :length]
 
 
+def static_inputs(rows: int, prompt: int = 89, new: int = 64, step: int = 32):
+    """The decoding loop's CUDA-graph layout: the cache holds ``prompt + new`` columns; each row's prompt (50 to
+    ``prompt`` tokens) ends at column ``prompt``, and the columns after the current step are not written yet."""
+    q, k, v, _ = inputs(rows, prompt + new)
+    lengths = torch.randint(50, prompt + 1, (rows,), device="cuda")
+    cols = torch.arange(prompt + new, device="cuda")[None]
+    mask = (cols >= (prompt - lengths)[:, None]) & (cols <= prompt + step)
+    return q, k, v, mask[:, None, None, :]
+
+
 def sdpa(backend, mask):
     def run(q, k, v):
         with sdpa_kernel([backend]):
@@ -46,8 +57,8 @@ def sdpa(backend, mask):
     return run
 
 
-for rows, length in [(2048, 150), (2048, 40), (1024, 150), (64, 214), (3, 7)]:
-    q, k, v, mask = inputs(rows, length)
+for rows, length in [(2048, "static"), (2048, 150), (2048, 40), (1024, 150), (64, 214), (3, 7)]:
+    q, k, v, mask = static_inputs(rows) if length == "static" else inputs(rows, length)
     ref = reference(q, k, v, mask)
     ways = {"triton": lambda q, k, v: decode_attention(q, k, v, mask, SCALE)}
     ways.update({name: sdpa(b, None if name == "flash_nomask" else mask) for name, b in BACKENDS.items()})

@@ -57,12 +57,15 @@ def main() -> None:
     t1, t2 = run(1), run(33)
     print(f"batch {args.batch} {'merged' if args.merged else 'nf4+lora'}{' fused' if args.fused else ''} {'eager' if args.eager else 'graphs'}: prefill+1 {t1:.2f} s, "
           f"decode {(t2 - t1) / 32 * 1e3:.1f} ms/step", flush=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run(9)
-    events = prof.key_averages()
-    print(events.table(sort_by="self_cuda_time_total", row_limit=16), flush=True)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
+    for label, new in (("the prefill (+ one token)", 1), ("the prefill + 8 decoding steps", 9)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run(new)
+        events = prof.key_averages()
+        print(f"== {label}", flush=True)
+        print(events.table(sort_by="self_cuda_time_total", row_limit=16 if new > 1 else 12), flush=True)
+        if new > 1:
+            print(events.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
 
 
 if __name__ == "__main__":
