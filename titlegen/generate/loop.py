@@ -17,7 +17,8 @@ dispatches attention through ``AttentionInterface`` (Llama, Mistral, Qwen2, Smol
 On a GPU (``generation.cuda_graphs``, batches of up to ``GRAPH_MAX_ROWS``) each step after the prefill is replayed
 as a CUDA graph (:mod:`titlegen.generate.graphs`): the cache is then "static": zero-filled, written at a position
 held on the device, and read over its whole capacity with the columns not yet written masked out. On a GPU the
-decoding attention itself is a Triton kernel (:mod:`titlegen.model.decode_kernel`).
+decoding attention itself is a Triton kernel (:mod:`titlegen.model.decode_kernel`), and so are the norms, the rotary
+embedding and the SwiGLU's elementwise part (:mod:`titlegen.model.infer_kernels`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from titlegen.generate.graphs import GraphedStep
 from titlegen.generate.rules import choose_tokens, process_scores
+from titlegen.model import infer_kernels
 from titlegen.model.attention import decode_attention
 
 log = logging.getLogger("titlegen")
@@ -211,7 +213,7 @@ def generate_fast(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     cache = SlotCache(rows, prompt_len + new, static=static)
-    with decode_attention(model):
+    with decode_attention(model), infer_kernels.switched_on(model):
         logits = prefill(model, input_ids, mask, positions, cache)
         # generated tokens are always attended
         steps = DecodeSteps(model, cache, torch.cat([mask, mask.new_ones(rows, new)], dim=1))

@@ -23,6 +23,7 @@ import types
 import torch
 
 from titlegen.model.elementwise import elementwise, silu_mul, silu_mul_backward_
+from titlegen.model.infer_kernels import is_silu
 
 
 def _dense(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -218,7 +219,7 @@ def install(model: torch.nn.Module, training: bool = True, inference: bool = Fal
     changed, inside_mlp = 0, set()
     for module in model.modules():
         names = ("gate_proj", "up_proj", "down_proj")
-        if all(hasattr(getattr(module, n, None), "lora_A") for n in names) and _is_silu(module):
+        if all(hasattr(getattr(module, n, None), "lora_A") for n in names) and is_silu(module):
             module.forward = types.MethodType(_fused_forward(swiglu_mlp, module.forward, training, inference), module)
             module.fused_training = training
             inside_mlp.update(id(getattr(module, n)) for n in names)
@@ -232,11 +233,6 @@ def install(model: torch.nn.Module, training: bool = True, inference: bool = Fal
                                               module)
             changed += 1
     return changed
-
-
-def _is_silu(mlp) -> bool:
-    act = getattr(mlp, "act_fn", None)
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def with_dropout(model: torch.nn.Module) -> int:
