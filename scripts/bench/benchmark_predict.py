@@ -32,8 +32,16 @@ VARIANTS = {
     # before 2026-12-03: CUDA graphs for batches of up to 1,024 rows only (module constants, PATCHES)
     "nf4-graphs1k": ["--model.merge_for_predict", "false"],
     "merged-graphs1k": ["--model.merge_for_predict", "true"],
+    # before the eighth session (2026-12-03): the model's own RMSNorm, rotary embedding and SwiGLU code
+    "nf4-plain": ["--model.merge_for_predict", "false"],
+    "merged-plain": ["--model.merge_for_predict", "true"],
 }
-PATCHES = {"nf4-graphs1k": {"GRAPH_MAX_ROWS": 1024}, "merged-graphs1k": {"GRAPH_MAX_ROWS": 1024}}
+PATCHES = {  # module attributes set for one variant: (module, attribute) -> value
+    "nf4-graphs1k": {("titlegen.generate.loop", "GRAPH_MAX_ROWS"): 1024},
+    "merged-graphs1k": {("titlegen.generate.loop", "GRAPH_MAX_ROWS"): 1024},
+    "nf4-plain": {("titlegen.model.infer_kernels", "enabled"): False},
+    "merged-plain": {("titlegen.model.infer_kernels", "enabled"): False},
+}
 
 
 def make_adapter(ckpt: Path, target: Path) -> None:
@@ -69,8 +77,9 @@ def make_titles(lengths: list, vocab: int, n: int, path: Path, seed: int = 0) ->
 
 
 def run_variant(name: str, args, ckpt: Path, adapter: Path, titles: Path, tmp: Path, tag: str = "") -> dict:
+    import importlib
+
     from titlegen.cli import main
-    from titlegen.generate import loop
 
     clock = {"class_path": "clocks.PredictClock", "init_args": {"result_file": str(tmp / "r.json")}}
     cfg = {"trainer": {"callbacks": [clock], "enable_progress_bar": False},
@@ -81,15 +90,16 @@ def run_variant(name: str, args, ckpt: Path, adapter: Path, titles: Path, tmp: P
     (tmp / "p.yaml").write_text(json.dumps(cfg))
     out = tmp / f"{name}{tag}.csv"
     t0 = time.time()
-    saved = {k: getattr(loop, k) for k in PATCHES.get(name, {})}
-    for key, value in PATCHES.get(name, {}).items():
-        setattr(loop, key, value)
+    patches = {(importlib.import_module(m), attr): v for (m, attr), v in PATCHES.get(name, {}).items()}
+    saved = {key: getattr(*key) for key in patches}
+    for (module, attr), value in patches.items():
+        setattr(module, attr, value)
     try:
         main(["predict", "--config", "configs/llama3-8b-qlora.yaml", "--config", str(tmp / "p.yaml"), *VARIANTS[name],
               "--ckpt_path", str(adapter), "--data.predict_path", str(titles), "--output", str(out), *args.extra])
     finally:
-        for key, value in saved.items():
-            setattr(loop, key, value)
+        for (module, attr), value in saved.items():
+            setattr(module, attr, value)
     rows = sum(1 for _ in csv.DictReader(out.open()))
     result = json.loads((tmp / "r.json").read_text())
     return {"name": f"titlegen-predict-{name}", "batch": args.batch, **result, "rows_in_csv": rows,
