@@ -160,6 +160,19 @@ def _save_small_llama(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(str(path))
 
 
+def _small_lora_llama(path: Path) -> torch.nn.Module:
+    """The small Llama saved to ``path`` and loaded in NF4 on the GPU, with a LoRA adapter (r=8) whose B matrices
+    are non-zero, cast to bf16 as predict casts it; eval mode."""
+    _save_small_llama(path)
+    cfg = bb.BackboneConfig(name_or_path=str(path), compute_dtype="bfloat16", gradient_checkpointing=False)
+    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8)).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    lora.cast_adapter(model, torch.bfloat16)
+    return model
+
+
 def _left_padded_prompts(rows: int, longest: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts of 3 to ``longest`` - 1 tokens of the small Llama's vocabulary, left-padded with id 3, on
     the GPU: (ids, mask)."""
@@ -223,13 +236,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, monkeypatch):
     from titlegen.generate import loop as decoding
     from titlegen.generate.settings import GenerationSettings
 
-    _save_small_llama(tmp_path)
-    cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", gradient_checkpointing=False)
-    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8)).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    lora.cast_adapter(model, torch.bfloat16)
+    model = _small_lora_llama(tmp_path)
     ids, mask = _left_padded_prompts(24, 40, seed=2)
     settings = GenerationSettings(max_new_tokens=40, no_repeat_ngram_size=0)
     monkeypatch.setattr(decoding, "CHECK_EVERY", 2)

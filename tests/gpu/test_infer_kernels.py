@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.gpu.test_gpu import _left_padded_prompts, _save_small_llama
-from titlegen.model import backbone as bb
-from titlegen.model import infer_kernels, lora
+from tests.gpu.test_gpu import _left_padded_prompts, _save_small_llama, _small_lora_llama
+from titlegen.model import infer_kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -129,13 +128,7 @@ def test_decoding_with_the_kernels_replays_and_restores(tmp_path, monkeypatch):
     from titlegen.generate.settings import GenerationSettings
     from titlegen.model.merge import merge_into_dense
 
-    _save_small_llama(tmp_path)
-    cfg = bb.BackboneConfig(name_or_path=str(tmp_path), compute_dtype="bfloat16", gradient_checkpointing=False)
-    model = lora.attach_lora(bb.load_base_model(cfg, torch.device("cuda")), lora.LoraSettings(r=8)).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    lora.cast_adapter(model, torch.bfloat16)
+    model = _small_lora_llama(tmp_path)
     ids, mask = _left_padded_prompts(64, 60, seed=4)
     settings = GenerationSettings(max_new_tokens=32, no_repeat_ngram_size=0)
     used, rope = _counting(monkeypatch), modeling_llama.apply_rotary_pos_emb
